@@ -1,0 +1,60 @@
+"""Top-1 accuracy of an ONNX file (ONNX Runtime) or a checkpoint (PyTorch) on CIFAR-10 test images."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from export.manifest import file_sizes, read_metadata
+from toolchain.data import Split, batches
+
+from .graph_stats import onnx_macs, onnx_params
+from .runtime import create_session, load_onnx, normalization
+
+
+def evaluate_onnx(path: str | os.PathLike, split: Split, provider: str = "cpu",
+                  batch_size: int = 256, threads: int | None = None) -> dict:
+    proto = load_onnx(path)
+    mean, std = normalization(proto)
+    session = create_session(path, provider, threads)
+    input_name = session.get_inputs()[0].name
+    correct = 0
+    start = time.perf_counter()
+    for x, y in tqdm(batches(split, batch_size, mean=mean, std=std), desc="evaluating",
+                     total=-(-len(split) // batch_size), leave=False, mininterval=1.0, disable=None):
+        logits = session.run(None, {input_name: x.numpy()})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+    seconds = time.perf_counter() - start
+    manifest = read_metadata(proto)
+    return {"model": str(path), "provider": provider, "accuracy": correct / len(split),
+            "images": len(split), **file_sizes(path),
+            "params": manifest.get("params", onnx_params(proto)),
+            "macs": manifest.get("macs", onnx_macs(proto)), "seconds": round(seconds, 3)}
+
+
+def evaluate_checkpoint(path: str | os.PathLike, split: Split, batch_size: int = 500,
+                        arch: str | None = None) -> dict:
+    import torch
+
+    from toolchain.checkpoints import load_checkpoint
+    from toolchain.models import count_macs, count_params
+    from toolchain.training import evaluate
+
+    ckpt = load_checkpoint(path, arch)
+    start = time.perf_counter()
+    accuracy = evaluate(ckpt.model, split, batch_size, ckpt.mean, ckpt.std, progress=True)
+    seconds = time.perf_counter() - start
+    return {"model": str(path), "provider": "pytorch-cpu", "accuracy": accuracy,
+            "images": len(split), **file_sizes(path), "params": count_params(ckpt.model),
+            "macs": count_macs(ckpt.model), "seconds": round(seconds, 3)}
+
+
+def evaluate_model(path: str | os.PathLike, split: Split, **kwargs) -> dict:
+    """Dispatch on the file type: .onnx runs under ONNX Runtime, anything else is a checkpoint."""
+    if Path(path).suffix == ".onnx":
+        return evaluate_onnx(path, split, **{k: v for k, v in kwargs.items() if k != "arch"})
+    return evaluate_checkpoint(path, split, kwargs.get("batch_size", 500), kwargs.get("arch"))

@@ -1,0 +1,108 @@
+"""PyTorch -> ONNX, then a check that ONNX Runtime gives the same logits as PyTorch.
+
+The exporter is the TorchScript-based one (`dynamo=False`): it can keep BatchNorm as
+separate nodes and leave the weight-rebuilding Gather of method first unfolded
+(`training=PRESERVE`, `do_constant_folding=False`), which the shared-weight file needs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from toolchain.errors import ToolchainError
+from toolchain.io import atomic_path
+
+from .manifest import set_metadata, write_manifest
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TOLERANCE = 1e-4
+
+
+class ExportCheckError(ToolchainError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    manifest: dict
+
+
+def _export_to(model: torch.nn.Module, path: Path, keep_structure: bool) -> None:
+    model = model.eval()
+    dummy = torch.zeros(2, 3, 32, 32)
+    options = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) \
+        if keep_structure else dict(do_constant_folding=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch_size"}, OUTPUT_NAME: {0: "batch_size"}},
+                          **options)
+
+
+def max_logit_difference(model: torch.nn.Module, onnx_path: Path, inputs: torch.Tensor) -> float:
+    """Max |PyTorch - ONNX Runtime| over the logits of `inputs` (CPU provider)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.eval()(inputs).numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy().astype(np.float32)})[0]
+    return float(np.abs(expected - got).max())
+
+
+def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
+                check_inputs: torch.Tensor, *, keep_structure: bool = False,
+                tolerance: float = TOLERANCE) -> ExportResult:
+    """Export `model` to `out` atomically, check it against PyTorch, embed and write the manifest.
+
+    `keep_structure` keeps BatchNorm nodes and un-folded weight expressions (method first).
+    The manifest goes into the file's metadata_props and beside it as `<out>.json`
+    (the latter adds the file's bytes, which the embedded copy cannot know).
+    """
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ToolchainError(f"output {out} must end in .onnx")
+    with atomic_path(out) as tmp:
+        _export_to(model, tmp, keep_structure)
+        proto = onnx.load(str(tmp))
+        diff = max_logit_difference(model, tmp, check_inputs)
+        manifest = {**manifest, "max_abs_diff": diff, "check_images": int(len(check_inputs))}
+        if not diff <= tolerance:
+            raise ExportCheckError(f"ONNX Runtime's logits differ from PyTorch's by {diff:.2e} "
+                                   f"(tolerance {tolerance:.0e}); the export is not written")
+        proto.producer_name = "cifar-filter-toolchain"
+        compact_names(proto.graph)
+        set_metadata(proto, manifest)
+        onnx.save(proto, str(tmp))
+    return ExportResult(out, diff, write_manifest(out, manifest))
+
+
+def compact_names(graph: onnx.GraphProto) -> None:
+    """Short names for nodes and intermediate values, no doc strings.
+
+    The exporter names every value after its module path ("/layer1/layer1.0/conv1/Conv_output_0");
+    in a 60 KB shared-weight file those names are a third of the bytes. Inputs, outputs
+    and initializers (the weights a reader looks for) keep their names.
+    """
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        node.name = f"n{index}"
+        node.doc_string = ""
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[i] = f"t{len(renamed)}"
+    del graph.value_info[:]

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from conftest import run_cli
+
+EVAL_FIELDS = {"model", "provider", "accuracy", "images", "model_bytes", "gzip_bytes", "params", "macs", "seconds"}
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "export", "eval"):
+        assert command in result.stdout
+    for command in ("train", "export", "eval"):
+        assert run_cli(command, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--ratio", "0"], "not between 0 and 1"),
+    (["export", "--ratio", "1"], "not between 0 and 1"),
+    (["export", "--ratio", "-0.5"], "not between 0 and 1"),
+    (["export", "--ratio", "nan"], "not between 0 and 1"),
+    (["export", "--ratio", "half"], "is not a number"),
+    (["export", "--method", "third"], "Invalid value for '--method'"),
+    (["export", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+    (["eval", "/nonexistent.onnx", "--data", "/nonexistent"], "does not exist"),
+    (["train", "--arch", "resnet21", "--data", "/tmp"], "unknown architecture"),
+])
+def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_garbage_onnx_is_a_clear_error(tmp_path, data_root):
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"\x00\x01garbage" * 100)
+    result = run_cli("eval", bad, "--data", data_root, "--limit", "10")
+    assert result.returncode == 2 and "not a valid ONNX model" in result.stderr
+
+
+def test_eval_checkpoint_json_on_real_images(baseline_path, data_root):
+    result = run_cli("eval", baseline_path, "--data", data_root, "--limit", "1000", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert set(row) >= EVAL_FIELDS
+    assert row["images"] == 1000 and row["accuracy"] > 0.85
+    assert row["params"] == 269_722 and row["macs"] == 40_551_040
+
+
+def test_export_then_eval_onnx_and_missing_cuda(tmp_path, baseline_path, data_root):
+    out = tmp_path / "none.onnx"
+    result = run_cli("export", "--method", "none", "--checkpoint", baseline_path, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "max abs difference" in result.stdout and out.is_file() and out.with_suffix(".json").is_file()
+    result = run_cli("eval", out, "--data", data_root, "--limit", "500", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] > 0.85
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        result = run_cli("eval", out, "--data", data_root, "--limit", "10", "--provider", "cuda")
+        assert result.returncode == 2
+        assert "cuda is not available" in result.stderr and len(result.stderr.strip().splitlines()) == 1

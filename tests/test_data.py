@@ -1,0 +1,103 @@
+import pickle
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolchain.data import augment, batches, load_split
+from toolchain.errors import DataError
+
+
+def _write_pickled(root, per_batch=20):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, per_batch))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": []}))
+    return folder
+
+
+def _write_image_folder(root, per_class=3, classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_pickled_layout(tmp_path):
+    folder = _write_pickled(tmp_path)
+    train = load_split(tmp_path, "train")
+    test = load_split(folder, "test")  # the batches folder itself works too
+    assert train.images.shape == (100, 32, 32, 3) and test.images.shape == (20, 32, 32, 3)
+    raw = pickle.loads((folder / "test_batch").read_bytes())
+    # CHW rows become HWC images.
+    assert np.array_equal(test.images[0, :, :, 0].ravel(), raw["data"][0, :1024])
+    assert len(train.classes) == 10
+
+
+def test_tiny_image_folder_and_cache_invalidation(tmp_path):
+    _write_image_folder(tmp_path)
+    first = load_split(tmp_path, "test")
+    assert first.images.shape == (6, 32, 32, 3) and first.classes == ("cat", "dog")
+    assert list(first.labels) == [0, 0, 0, 1, 1, 1]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "test" / "dog" / "9.png")
+    assert len(load_split(tmp_path, "test")) == 7  # a changed source is decoded again
+
+
+def test_real_image_folder_loads_fast_from_cache(data_root):
+    load_split(data_root, "test")  # fills the cache on first use
+    start = time.perf_counter()
+    split = load_split(data_root, "test")
+    assert time.perf_counter() - start < 3.0
+    assert split.images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(split.labels).tolist() == [1000] * 10
+    assert split.classes[0] == "airplane" and split.classes[-1] == "truck"
+
+
+def test_missing_empty_wrong_layout_and_corrupt(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(tmp_path / "nope", "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no test/ folder"):
+        load_split(tmp_path / "empty", "test")
+    (tmp_path / "noimg" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        load_split(tmp_path / "noimg", "test")
+    root = _write_image_folder(tmp_path / "corrupt")
+    (root / "test" / "cat" / "1.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="corrupt image .*1.png"):
+        load_split(root, "test")
+
+
+def test_missing_data_root_and_no_env(monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    with pytest.raises(DataError, match="CIFAR10_ROOT"):
+        load_split(None, "test")
+
+
+def test_augment_crops_and_flips_per_image():
+    images = torch.arange(32, dtype=torch.uint8).view(1, 1, 32, 1).expand(64, 32, 32, 3).contiguous()
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    # Each image is a shifted copy (rows move by -4..4, zeros where padding came in).
+    shifts = {int(out[i, :, 16, 0].max()) - 31 for i in range(64)}
+    assert len(shifts) > 3
+    assert not torch.equal(out[0], out[1]) or not torch.equal(out[1], out[2])
+
+
+def test_batches_cover_split_once(tmp_path):
+    _write_pickled(tmp_path)
+    split = load_split(tmp_path, "train")
+    seen = torch.cat([y for _, y in batches(split, 7, shuffle=True, seed=3)])
+    assert sorted(seen.tolist()) == sorted(split.labels.tolist())
+    x, _ = next(batches(split, 7))
+    assert x.shape == (7, 3, 32, 32) and x.dtype == torch.float32

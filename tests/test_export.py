@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.manifest import read_metadata
+from export.onnx_export import ExportCheckError, export_onnx
+from toolchain.checkpoints import Checkpoint, save_checkpoint
+from toolchain.models import build_model
+from toolchain.pipeline import ExportConfig, run_export
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    """A ResNet20 with random weights and non-trivial BN statistics, saved in our format."""
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("ck") / "random.pt"
+    save_checkpoint(path, Checkpoint(model, "resnet20"))
+    return path
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def test_plain_export_matches_pytorch_at_any_batch_size(tmp_path, random_checkpoint, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    out = tmp_path / "none.onnx"
+    result = run_export(ExportConfig(method="none", checkpoint=str(random_checkpoint), out=str(out)), log=print)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"
+    from toolchain.checkpoints import load_checkpoint
+    model = load_checkpoint(random_checkpoint).model.eval()
+    for n in (1, 7):
+        x = torch.randn(n, 3, 32, 32)
+        np.testing.assert_allclose(_run(out, x), model(x).detach().numpy(), atol=1e-4)
+    beside = json.loads(out.with_suffix(".json").read_text())
+    assert beside["model_bytes"] == out.stat().st_size
+    assert read_metadata(proto)["params"] == beside["params"] == 269_722
+    assert beside["method"] == "none" and result.max_abs_diff <= 1e-4
+
+
+def test_output_check_failure_writes_nothing(tmp_path):
+    class Liar(torch.nn.Module):
+        """Exports one thing, answers another when called in PyTorch (after export)."""
+        def __init__(self):
+            super().__init__()
+            self.inner = build_model("resnet20").eval()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.inner(x)
+            return out + 1.0 if self.calls > 1 and not torch.jit.is_tracing() else out
+
+    out = tmp_path / "bad.onnx"
+    manifest = {"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
+    with pytest.raises(ExportCheckError, match="differ"):
+        export_onnx(Liar(), out, manifest, torch.randn(4, 3, 32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_export_of_the_baseline_keeps_accuracy(tmp_path, baseline_path, data_root):
+    from eval.accuracy import evaluate_onnx
+    from toolchain.data import load_split
+    out = tmp_path / "baseline.onnx"
+    run_export(ExportConfig(method="none", checkpoint=str(baseline_path), data=str(data_root), out=str(out)),
+               log=print)
+    split = load_split(data_root, "test").subset(1000)
+    row = evaluate_onnx(out, split)
+    from toolchain.checkpoints import load_checkpoint
+    from toolchain.training import evaluate
+    assert row["accuracy"] == pytest.approx(evaluate(load_checkpoint(baseline_path).model, split), abs=0.002)
+    assert row["accuracy"] > 0.85

@@ -1,0 +1,115 @@
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from toolchain.clustering import allocate_budget, clusters_for, kmeans
+from toolchain.methods.first import FirstConfig, SharedConv2d, apply_first, quantize_centroids, shared_convs
+from toolchain.models import build_model, count_params
+from toolchain.pipeline import ExportConfig, run_export
+from toolchain.training import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("resnet20").eval()
+
+
+@pytest.mark.parametrize("filters, ratio, k", [(16, 0.5, 8), (16, 0.9, 2), (64, 0.9, 6), (16, 0.99, 1),
+                                               (16, 0.01, 16), (3, 0.5, 2)])
+def test_clusters_for(filters, ratio, k):
+    assert clusters_for(filters, ratio) == k
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.5, float("nan"), 1.5])
+def test_bad_ratio_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="ratio"):
+        FirstConfig(ratio=bad)
+
+
+def test_kmeans_is_deterministic_and_exact_on_duplicates():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 27)).astype(np.float32)
+    vectors = np.repeat(base, 3, axis=0)  # 12 filters, 4 distinct
+    a = kmeans(vectors, 4, seed=1)
+    b = kmeans(vectors, 4, seed=1)
+    assert np.array_equal(a.assignment, b.assignment)
+    assert a.inertia == pytest.approx(0, abs=1e-6)
+    np.testing.assert_allclose(a.centroids[a.assignment], vectors, atol=1e-6)
+
+
+def test_budget_allocation_respects_budget_and_favours_error():
+    curves = [np.array([10.0, 1.0, 0.0]), np.array([10.0, 9.0, 8.0])]
+    ks = allocate_budget(curves, [1, 1], budget=3)
+    assert ks == [2, 1]
+    assert sum(ks) <= 3
+
+
+def test_apply_first_shares_filters_and_counts(model):
+    clustered, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.5, seed=0))
+    convs = shared_convs(clustered)
+    assert len(convs) == 19
+    for record, conv in zip(info["layers"], convs):
+        unique = torch.unique(conv.weight.flatten(1), dim=0)
+        assert len(unique) == record["k"] == clusters_for(conv.out_channels, 0.5)
+    assert count_params(clustered) < 0.55 * count_params(model)
+    assert clustered(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_global_allocation_keeps_the_parameter_budget(model):
+    uniform, _ = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="uniform", n_init=1))
+    spread, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="global", n_init=1))
+    assert count_params(spread) <= count_params(uniform)
+    assert len({r["k"] / r["filters"] for r in info["layers"]}) > 2  # not the same share everywhere
+
+
+def test_finetuning_keeps_filters_shared(model, train_split):
+    clustered, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.75))
+    fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
+    for record, conv in zip(info["layers"], shared_convs(clustered)):
+        assert len(torch.unique(conv.weight.flatten(1), dim=0)) == record["k"]
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_onnx_file_holds_centroids_not_full_weights(tmp_path, bits, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    torch.manual_seed(0)
+    from toolchain.checkpoints import Checkpoint, save_checkpoint
+    source = tmp_path / "src.pt"
+    save_checkpoint(source, Checkpoint(build_model("resnet20"), "resnet20"))
+    out = tmp_path / "first.onnx"
+    result = run_export(ExportConfig(method="first", ratio=0.75, checkpoint=str(source), out=str(out),
+                                     centroid_bits=bits), log=print)
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("BatchNormalization") == 19  # BN kept apart: sharing stays visible in the file
+    assert ops.count("Gather") >= 19 and "DequantizeLinear" not in ops
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    conv_weights = [n.input[1] for n in proto.graph.node if n.op_type == "Conv"]
+    assert not any(w in inits for w in conv_weights)  # every conv weight is built by a Gather
+    for record in result.manifest["layers"]:
+        centroids = inits[f"{record['layer']}.centroids"]
+        assert centroids.shape[0] == record["k"]
+        assert centroids.dtype == (np.int8 if bits else np.float32)
+    # ONNX Runtime folds the Gather (and Cast/Mul) at load and gives PyTorch's logits.
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    optimized_ops = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert not optimized_ops & {"Gather", "Cast", "BatchNormalization"}
+    assert result.max_abs_diff < 1e-4
+
+
+def test_int8_centroids_are_close_to_float(model):
+    clustered, _ = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.5, n_init=1))
+    x = torch.randn(4, 3, 32, 32)
+    before = clustered(x)
+    quantize_centroids(clustered)
+    assert all(c.centroids.dtype == torch.int8 for c in shared_convs(clustered))
+    assert torch.allclose(before, clustered(x), atol=0.05 * before.abs().max().item())

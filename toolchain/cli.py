@@ -1,0 +1,185 @@
+"""The `toolchain` command: a thin layer of click commands over the library.
+
+Errors a user can cause print one line on stderr and exit with status 2
+(tracebacks only with --debug); see docs/CLI contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import signal
+import sys
+
+import click
+
+from .errors import ToolchainError
+
+DATA_HELP = "CIFAR-10 folder (cifar-10-batches-py or train/ and test/ image folders); default: $CIFAR10_ROOT"
+
+
+class Ratio(click.ParamType):
+    """The fraction of filters removed from each clustered layer, strictly between 0 and 1."""
+
+    name = "ratio"
+
+    def convert(self, value, param, ctx):
+        try:
+            r = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number; give a ratio between 0 and 1, e.g. 0.5", param, ctx)
+        if math.isnan(r) or not 0 < r < 1:
+            self.fail(f"{value} is not between 0 and 1 (exclusive); 0.5 removes half the filters",
+                      param, ctx)
+        return r
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Compress CIFAR ResNets by K-Means clustering of convolution filters, export them to ONNX
+    and evaluate them under ONNX Runtime."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.option("--arch", default="resnet20", show_default=True, help="resnet20|resnet32|resnet44|resnet56|resnet110")
+@click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
+@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="artifacts/resnet20_cifar10.pt",
+              show_default=True, help="Checkpoint written after every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Train on a seeded random subset of N training images.")
+@click.option("--test-limit", type=click.IntRange(1), help="Report test accuracy on a subset of N test images.")
+@click.option("--download", is_flag=True, help="Fetch the original CIFAR-10 with torchvision first.")
+def train(arch, data, epochs, out, resume, seed, lr, batch_size, schedule, weight_decay, limit, test_limit,
+          download):
+    """Train a CIFAR ResNet from scratch (SGD, Nesterov, crop+flip), a checkpoint per epoch."""
+    from .data import load_split
+    from .models import parse_arch
+    from .training import TrainConfig, train_checkpoint
+
+    parse_arch(arch)
+    if download:
+        load_split(data, "test", download=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, seed=seed)
+    command = "toolchain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        history = train_checkpoint(arch, data, out, cfg, resume=resume, command=command,
+                                   limit=limit, test_limit=test_limit, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the last finished epoch is saved in {out}; "
+                   "run the same command with --resume to continue", err=True)
+        sys.exit(130)
+    if history:
+        click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
+
+
+@cli.command()
+@click.option("--method", type=click.Choice(["first", "second", "none"]), default="first", show_default=True,
+              help="first: shared centroid filters; second: smaller residual blocks; none: the model as is.")
+@click.option("--ratio", type=Ratio(), default=0.5, show_default=True,
+              help="Fraction of filters removed from each clustered layer (0.5 keeps half).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
+@click.option("--arch", help="Architecture, where the checkpoint does not record it (resnet20, resnet32, ...).")
+@click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP + " (fine-tuning and checks use it)")
+@click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True,
+              help="Fine-tuning epochs when data is available (0 to skip).")
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
+@click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: store centroids as int8.")
+@click.option("--features", type=click.Choice(["bn-weighted", "raw"]), default="bn-weighted", show_default=True,
+              help="Method first: weight each filter's clustering error by its BatchNorm scale, or not.")
+@click.option("--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+              help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")
+@click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
+@click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
+def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
+           features, allocation, round_to, seed, out, json_out):
+    """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
+    from .pipeline import ExportConfig, run_export
+
+    options = {"features": features, "allocation": allocation} if method == "first" else {}
+    cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
+                       finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
+                       centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
+                       seed=seed, out=out, method_options=options)
+    result = run_export(cfg, log=click.echo)
+    emit_json(json_out, result.manifest)
+
+
+@cli.command(name="eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider (.onnx models).")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Evaluate a seeded random subset of N test images.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--arch", help="Architecture of a checkpoint that does not record it.")
+@click.option("--json", "json_out", help="Write results as JSON to PATH ('-' for stdout).")
+def eval_cmd(model, data, provider, batch_size, limit, threads, arch, json_out):
+    """Top-1 accuracy of an .onnx file (ONNX Runtime) or a .pt checkpoint (PyTorch) on the test split."""
+    from eval.accuracy import evaluate_model
+
+    from .data import load_split
+
+    split = load_split(data, "test").subset(limit)
+    row = evaluate_model(model, split, provider=provider, batch_size=batch_size, threads=threads, arch=arch)
+    if json_out != "-":
+        click.echo(f"{row['model']}: accuracy {row['accuracy']:.4f} on {row['images']} images "
+                   f"({row['provider']}, {row['seconds']:.2f}s); {row['model_bytes']:,} bytes "
+                   f"({row['gzip_bytes']:,} gzipped), {row['params']:,} params, {row['macs'] / 1e6:.2f}M MACs")
+    emit_json(json_out, row)
+
+
+def emit_json(target: str | None, data) -> None:
+    """--json PATH writes atomically; '-' prints to stdout."""
+    if target is None:
+        return
+    if target == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from .io import write_json
+        write_json(target, data)
+
+
+def main(argv=None):
+    """Entry point: one clear line and exit status 2 for any error a user can cause."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="toolchain")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except (ToolchainError, ValueError) as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)

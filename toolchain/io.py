@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file beside the target, renamed into place on success."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ToolchainError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike):
+    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
+
+    A missing parent folder is created; an unwritable one is a clear ToolchainError.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ToolchainError(f"cannot write {target}: a parent of it is a file, not a folder") from exc
+    except PermissionError as exc:
+        raise ToolchainError(f"cannot write {target}: permission denied in {target.parent}") from exc
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(target: str | os.PathLike, data) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,1 @@
+"""Compression methods. Each turns a trained model into a compressed one in PyTorch."""

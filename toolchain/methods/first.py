@@ -1,0 +1,136 @@
+"""Method first: every conv's filters are replaced by their cluster centroids (weight sharing).
+
+A clustered conv stores `centroids[k, cin, kh, kw]` and a fixed `assignment[filters]`;
+its weight is `centroids[assignment]`, so fine-tuning updates the shared centroids and
+filters of one cluster stay identical. Exported to ONNX this is an initializer pair plus
+a Gather, which ONNX Runtime folds when it loads the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
+
+FEATURES = ("raw", "bn-weighted")
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class FirstConfig:
+    ratio: float = 0.5
+    seed: int = 0
+    n_init: int = 4
+    features: str = "bn-weighted"  # weight each filter's error by its BN scale squared
+    allocation: str = "uniform"  # or "global": per-layer k from one parameter budget
+    layers: tuple[str, ...] | None = None  # conv names to cluster; None: all
+
+    def __post_init__(self):
+        clusters_for(1, self.ratio)  # validates the ratio
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+
+
+class SharedConv2d(nn.Module):
+    """A bias-free Conv2d whose filters are rows of a centroid table."""
+
+    def __init__(self, conv: nn.Conv2d, centroids: torch.Tensor, assignment: torch.Tensor):
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups"):
+            setattr(self, attr, getattr(conv, attr))
+        self.centroids = nn.Parameter(centroids.clone())
+        # int32 indices: half the bytes of int64 in the file, and valid Gather indices.
+        self.register_buffer("assignment", assignment.to(torch.int32))
+        self.register_buffer("scale", None)  # per-centroid scale once centroids are int8
+
+    @property
+    def weight(self) -> torch.Tensor:
+        table = self.centroids if self.scale is None else self.centroids.float() * self.scale
+        return table.index_select(0, self.assignment)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, k={len(self.centroids)}"
+
+
+def clusterable_convs(model: nn.Module, layers=None) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
+    """(name, conv, the BatchNorm right after it) for each conv to cluster, in network order."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, m in modules.items():
+        if isinstance(m, nn.Conv2d) and (layers is None or name in layers):
+            parent, _, leaf = name.rpartition(".")
+            bn_name = (parent + "." if parent else "") + leaf.replace("conv", "bn")
+            found.append((name, m, modules.get(bn_name)))
+    return found
+
+
+def _filter_weights(bn: nn.BatchNorm2d | None, n: int, features: str) -> np.ndarray:
+    if features == "raw" or bn is None:
+        return np.ones(n)
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy().astype(np.float64)
+    return scale ** 2 + 1e-12
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@torch.no_grad()
+def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
+    """Cluster the filters of every chosen conv in place; returns the model and a record per layer."""
+    convs = clusterable_convs(model, cfg.layers)
+    if not convs:
+        raise ValueError("no convolution layer to cluster")
+    vectors = [conv.weight.detach().flatten(1).numpy() for _, conv, _ in convs]
+    weights = [_filter_weights(bn, conv.out_channels, cfg.features) for _, conv, bn in convs]
+    ks = [clusters_for(conv.out_channels, cfg.ratio) for _, conv, _ in convs]
+    if cfg.allocation == "global":
+        costs = [v.shape[1] for v in vectors]
+        budget = sum(k * c for k, c in zip(ks, costs))
+        curves = [error_curve(v, w, cfg.seed) for v, w in zip(vectors, weights)]
+        ks = allocate_budget(curves, costs, budget)
+    layers = []
+    for (name, conv, _), v, w, k in zip(convs, vectors, weights, ks):
+        result = kmeans(v, k, cfg.seed, cfg.n_init, w)
+        centroids = torch.from_numpy(result.centroids).view(-1, *conv.weight.shape[1:])
+        _set_module(model, name, SharedConv2d(conv, centroids, torch.from_numpy(result.assignment)))
+        layers.append({"layer": name, "filters": conv.out_channels, "k": len(result.centroids),
+                       "inertia": result.inertia})
+    return model, {"layers": layers, "first": {"features": cfg.features, "allocation": cfg.allocation,
+                                               "n_init": cfg.n_init}}
+
+
+def shared_convs(model: nn.Module) -> list[SharedConv2d]:
+    return [m for m in model.modules() if isinstance(m, SharedConv2d)]
+
+
+@torch.no_grad()
+def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
+    """Store each centroid as int8 with one float scale (symmetric, per centroid).
+
+    Rebuilt in the graph by Cast + Mul, which ONNX Runtime constant-folds at load
+    (unlike DequantizeLinear, which it keeps for its quantized kernels).
+    """
+    if bits != 8:
+        raise ValueError(f"only 8-bit centroids are supported, got {bits}")
+    for m in shared_convs(model):
+        if m.scale is not None:
+            continue
+        c = m.centroids.detach()
+        scale = c.abs().flatten(1).amax(1).clamp_min(1e-12) / 127.0
+        shape = (-1,) + (1,) * (c.ndim - 1)
+        q = torch.round(c / scale.view(shape)).clamp(-127, 127).to(torch.int8)
+        m.centroids = nn.Parameter(q, requires_grad=False)
+        m.scale = scale.view(shape).float()

@@ -1,0 +1,142 @@
+"""CIFAR ResNets of He et al. 2016 (depth 6n+2, basic blocks, option-A shortcuts).
+
+Parameter names follow the widely used public implementation (`conv1`, `bn1`,
+`layer1.0.conv1`, ..., `linear`), so public checkpoints load without renaming.
+A block's inner width (conv1's outputs = conv2's inputs) may differ from its
+outer width: that is how method second's smaller models are described.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEPTHS = (20, 32, 44, 56, 110)
+STAGE_WIDTHS = (16, 32, 64)
+
+
+def blocks_per_stage(depth: int) -> int:
+    if depth not in DEPTHS:
+        raise ValueError(f"unsupported depth {depth}; choose one of {', '.join(map(str, DEPTHS))}")
+    return (depth - 2) // 6
+
+
+def parse_arch(arch: str) -> int:
+    """'resnet20' -> 20, with a clear error for anything else."""
+    name = arch.lower().strip()
+    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in DEPTHS:
+        return int(name[6:])
+    raise ValueError(f"unknown architecture {arch!r}; choose one of "
+                     + ", ".join(f"resnet{d}" for d in DEPTHS))
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free shortcut: stride-2 subsampling plus zero channel padding."""
+
+    def __init__(self, in_planes: int, planes: int):
+        super().__init__()
+        self.pad = (planes - in_planes) // 2
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: int | None = None):
+        super().__init__()
+        inner = planes if inner is None else inner
+        self.conv1 = nn.Conv2d(in_planes, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = ShortcutA(in_planes, planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int = 20, num_classes: int = 10, inner_widths: list[int] | None = None):
+        super().__init__()
+        n = blocks_per_stage(depth)
+        self.depth, self.num_classes = depth, num_classes
+        if inner_widths is None:
+            inner_widths = [w for w in STAGE_WIDTHS for _ in range(n)]
+        if len(inner_widths) != 3 * n:
+            raise ValueError(f"resnet{depth} has {3 * n} blocks, got {len(inner_widths)} inner widths")
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        widths = iter(inner_widths)
+        in_planes = 16
+        for stage, planes in enumerate(STAGE_WIDTHS, start=1):
+            blocks = []
+            for i in range(n):
+                stride = 2 if stage > 1 and i == 0 else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, next(widths)))
+                in_planes = planes
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def blocks(self) -> list[BasicBlock]:
+        return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
+
+    def inner_widths(self) -> list[int]:
+        return [b.conv1.out_channels for b in self.blocks()]
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.linear(x)
+
+
+def build_model(arch: str = "resnet20", num_classes: int = 10,
+                inner_widths: list[int] | None = None) -> CifarResNet:
+    return CifarResNet(parse_arch(arch), num_classes, inner_widths)
+
+
+def count_params(model: nn.Module) -> int:
+    """Stored parameters: a shared (clustered) weight counts once, as its centroids."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size=(1, 3, 32, 32)) -> int:
+    """Multiply-adds of convolutions and linear layers for one image, from a real forward pass."""
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += output[0].numel() * k
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    hooks = []
+    for m in model.modules():
+        if hasattr(m, "kernel_size") and hasattr(m, "in_channels"):  # nn.Conv2d and shared-weight convs
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(input_size, device=device)[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total

@@ -1,0 +1,143 @@
+"""checkpoint -> compress -> (recalibrate, fine-tune) -> ONNX export with output check -> manifest.
+
+One function per step; `run_export` chains them and is what `toolchain export` calls.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
+from .data import Split, load_split, to_tensor
+from .errors import DataError, ToolchainError
+from .models import count_macs, count_params
+from .training import TrainConfig, evaluate, fit, recalibrate_bn
+
+METHODS = ("first", "second", "none")
+
+
+@dataclass
+class ExportConfig:
+    method: str = "first"
+    ratio: float = 0.5
+    checkpoint: str | None = None  # None: the shipped baseline
+    arch: str | None = None
+    data: str | None = None  # None: $CIFAR10_ROOT, if set
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.01
+    distill: bool = True
+    centroid_bits: int | None = None  # method first: 8 for int8 centroids
+    round_to: int | None = None  # method second: channel multiple of kept widths
+    seed: int = 0
+    out: str | None = None
+    method_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ToolchainError(f"unknown method {self.method!r}; choose first, second or none")
+        if self.method != "none" and not 0 < self.ratio < 1:
+            raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
+        if self.finetune_epochs < 0:
+            raise ToolchainError("--finetune-epochs must be 0 or more")
+
+    def default_out(self, arch: str) -> Path:
+        tag = "none" if self.method == "none" else f"{self.method}_r{self.ratio:g}"
+        if self.centroid_bits:
+            tag += f"_int{self.centroid_bits}"
+        return Path("artifacts") / f"{arch}_{tag}.onnx"
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+
+
+def load_data(data: str | None, test_limit: int | None = None) -> Data | None:
+    """Train and test splits when a dataset is given or $CIFAR10_ROOT is set; None otherwise."""
+    if data is None and not os.environ.get("CIFAR10_ROOT"):
+        return None
+    return Data(load_split(data, "train"), load_split(data, "test").subset(test_limit))
+
+
+def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tensor:
+    """Real test images when there are some, else seeded noise of the same scale."""
+    if data is not None:
+        return to_tensor(data.test.images[:n], ckpt.mean, ckpt.std)
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def compress(cfg: ExportConfig, ckpt: Checkpoint, data: Data | None, log) -> tuple[torch.nn.Module, dict]:
+    """Apply the configured method to a copy of the model; returns it and what was done."""
+    import copy
+
+    model = copy.deepcopy(ckpt.model).eval()
+    if cfg.method == "none":
+        return model, {}
+    if cfg.method == "first":
+        from .methods.first import FirstConfig, apply_first
+        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **cfg.method_options))
+    raise ToolchainError(f"method {cfg.method} is not available in this version")
+
+
+def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log) -> list[dict]:
+    """A few epochs of the training loop at a low learning rate, distilling from the original."""
+    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed)
+    history = fit(model, data.train, data.test, tcfg, teacher=teacher if cfg.distill else None,
+                  mean=ckpt.mean, std=ckpt.std, log=log)
+    return [asdict(r) for r in history]
+
+
+def run_export(cfg: ExportConfig, log=print):
+    """The whole export pipeline; returns export.onnx_export.ExportResult."""
+    from export.manifest import sha256_of, versions
+    from export.onnx_export import export_onnx
+
+    t0 = time.perf_counter()
+    source = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
+    ckpt = load_checkpoint(source, cfg.arch)
+    data = load_data(cfg.data)
+    out = Path(cfg.out) if cfg.out else cfg.default_out(ckpt.arch)
+    model, info = compress(cfg, ckpt, data, log)
+    accuracy = {}
+    if data is not None and cfg.method != "none":
+        accuracy["clustered"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std)
+        accuracy["recalibrated"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        log(f"accuracy after clustering {accuracy['clustered']:.4f}, "
+            f"after BN recalibration {accuracy['recalibrated']:.4f}")
+        if cfg.finetune_epochs:
+            info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log)
+            accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
+    elif data is not None:
+        accuracy["source"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+    if data is None and cfg.method != "none":
+        log("no dataset given (--data or $CIFAR10_ROOT): exporting without BN recalibration or fine-tuning")
+    if cfg.method == "first" and cfg.centroid_bits:
+        from .methods.first import quantize_centroids
+        info["centroid_bits"] = cfg.centroid_bits
+        quantize_centroids(model, cfg.centroid_bits)
+        if data is not None:
+            accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+    model.eval()
+    manifest = {
+        "method": cfg.method, "ratio": None if cfg.method == "none" else cfg.ratio,
+        "arch": ckpt.arch, "classes": list(ckpt.classes),
+        "normalization": {"mean": list(ckpt.mean), "std": list(ckpt.std)},
+        "source_checkpoint": {"path": str(source), "sha256": sha256_of(source)},
+        "params": count_params(model), "macs": count_macs(model),
+        "baseline": {"params": count_params(ckpt.model), "macs": count_macs(ckpt.model)},
+        "accuracy": accuracy or None, "test_images": len(data.test) if data else 0,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "data", "out")},
+        **info, "versions": versions(),
+    }
+    result = export_onnx(model, out, manifest, check_inputs(ckpt, data),
+                         keep_structure=cfg.method == "first")
+    log(f"wrote {out} ({result.manifest['model_bytes']:,} bytes); ONNX Runtime vs PyTorch "
+        f"max abs difference {result.max_abs_diff:.2e}; {time.perf_counter() - t0:.1f}s")
+    return result

@@ -1,0 +1,212 @@
+"""One training loop for training from scratch and for fine-tuning compressed models.
+
+SGD with Nesterov momentum, a one-cycle or cosine schedule stepped per batch,
+per-image crop+flip augmentation, optional distillation from a teacher model.
+A checkpoint is written after every epoch; `resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import CIFAR10_MEAN, CIFAR10_STD, Split, batches
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # or "cosine"
+    label_smoothing: float = 0.0
+    seed: int = 0
+    distill_temperature: float = 4.0  # used only when a teacher is given
+    distill_weight: float = 0.9  # share of the loss that follows the teacher
+
+    def __post_init__(self):
+        if self.schedule not in ("onecycle", "cosine"):
+            raise ValueError(f"schedule must be onecycle or cosine, got {self.schedule!r}")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("epochs must be >= 0, batch size >= 1 and lr > 0")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    test_accuracy: float | None
+    seconds: float
+    lr: float
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    # No weight decay on BN parameters and biases: the usual choice for ResNets.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                    pct_start=0.15, div_factor=10.0,
+                                                    final_div_factor=100.0)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return opt, sched
+
+
+def distillation_loss(logits, labels, teacher_logits, cfg: TrainConfig):
+    t = cfg.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1),
+                    reduction="batchmean") * t * t
+    hard = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    return cfg.distill_weight * soft + (1 - cfg.distill_weight) * hard
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 500,
+             mean=CIFAR10_MEAN, std=CIFAR10_STD, progress: bool = False) -> float:
+    """Top-1 accuracy (0..1) of a PyTorch model on a split."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    it = batches(split, batch_size, mean=mean, std=std)
+    if progress:
+        it = tqdm(it, total=math.ceil(len(split) / batch_size), desc="evaluating", leave=False, disable=None)
+    for x, y in it:
+        correct += (model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, split: Split, images: int = 2048, batch_size: int = 256,
+                   seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> None:
+    """Re-estimate BatchNorm running statistics on training images (after weights changed)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    was_training = model.training
+    model.train()
+    for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
+        model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
+        save=None, state: dict | None = None, teacher: nn.Module | None = None,
+        mean=CIFAR10_MEAN, std=CIFAR10_STD, log=print, rank: int = 0, world_size: int = 1,
+        wrap=None) -> list[EpochRecord]:
+    """Train `model` for cfg.epochs; `save(history, state)` is called after every epoch.
+
+    `state` is a dict from an earlier `save` (optimizer, scheduler, epoch, history) to resume.
+    `wrap` turns the model into its distributed form (DDP) for the forward pass.
+    """
+    torch.manual_seed(cfg.seed)
+    steps = math.ceil(len(train) / world_size / cfg.batch_size)
+    model = model.to(memory_format=torch.channels_last)
+    opt, sched = make_optimizer(model, cfg, steps)
+    history: list[EpochRecord] = []
+    start_epoch = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = [EpochRecord(**r) for r in state["history"]]
+        start_epoch = state["epoch"]
+    if teacher is not None:
+        teacher.eval()
+    runner = wrap(model) if wrap else model
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        it = batches(train, cfg.batch_size, shuffle=True, augment_images=True,
+                     seed=cfg.seed * 100_003 + epoch, mean=mean, std=std, rank=rank, world_size=world_size)
+        bar = tqdm(it, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if rank == 0 else True, mininterval=2.0)
+        for x, y in bar:
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits = runner(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distillation_loss(logits, y, teacher_logits, cfg)
+            else:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        test_acc = evaluate(model, test, mean=mean, std=std) if test is not None and rank == 0 else None
+        record = EpochRecord(epoch + 1, loss_sum / max(1, seen), correct / max(1, seen), test_acc,
+                             time.perf_counter() - t0, opt.param_groups[0]["lr"])
+        history.append(record)
+        if rank == 0:
+            log(f"epoch {record.epoch}/{cfg.epochs}  loss {record.loss:.4f}  "
+                f"train {record.train_accuracy:.4f}  "
+                f"test {'-' if test_acc is None else f'{test_acc:.4f}'}  {record.seconds:.1f}s")
+            if save is not None:
+                save(history, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "epoch": epoch + 1, "history": [asdict(r) for r in history],
+                               "config": asdict(cfg)})
+    return history
+
+
+def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = False,
+                     command: str | None = None, limit: int | None = None,
+                     test_limit: int | None = None, log=print, rank: int = 0, world_size: int = 1,
+                     wrap=None):
+    """Train a CIFAR ResNet from scratch into checkpoint `out` (resuming from it if asked)."""
+    from pathlib import Path
+
+    from .checkpoints import Checkpoint, read_payload, save_checkpoint
+    from .data import load_split
+    from .errors import CheckpointError
+    from .models import build_model
+
+    out = Path(out)
+    train = load_split(data, "train").subset(limit, cfg.seed)
+    test = load_split(data, "test").subset(test_limit, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(arch, len(train.classes))
+    state = None
+    if resume and out.is_file():
+        payload = read_payload(out)
+        state = payload.get("training_state")
+        if state is None:
+            raise CheckpointError(f"{out} holds no training state to resume from")
+        model.load_state_dict(payload["state_dict"])
+        log(f"resuming from {out} after epoch {state['epoch']}")
+
+    def save(history, training_state):
+        last = history[-1]
+        meta = {"training": {"command": command, "config": asdict(cfg), "epochs_done": last.epoch,
+                             "seconds": round(sum(r.seconds for r in history), 1),
+                             "history": [asdict(r) for r in history]},
+                "test_accuracy": last.test_accuracy}
+        ckpt = Checkpoint(model=model, arch=arch, classes=train.classes, meta=meta)
+        done = last.epoch >= cfg.epochs
+        save_checkpoint(out, ckpt, None if done else training_state)
+
+    return fit(model, train, test, cfg, save=save, state=state, log=log, rank=rank,
+               world_size=world_size, wrap=wrap)
