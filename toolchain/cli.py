@@ -148,6 +148,70 @@ def eval_cmd(model, data, provider, batch_size, limit, threads, arch, json_out):
     emit_json(json_out, row)
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,32,256")
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be 1 or more")
+    return sizes
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-sizes", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads per session (default: all cores).")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--json", "json_out", help="Write rows as JSON to PATH ('-' for stdout).")
+def bench(models, provider, batch_sizes, threads, warmup, repeats, json_out):
+    """Latency of ONNX models, interleaved in one run; speed-up against the first model given."""
+    from eval.bench import BenchConfig, bench as run_bench
+
+    cfg = BenchConfig(batch_sizes=_int_list(batch_sizes), provider=provider, threads=threads,
+                      warmup=warmup, repeats=repeats)
+    rows = run_bench(list(models), cfg, progress=lambda b: click.echo(f"batch {b} done", err=True))
+    if json_out != "-":
+        click.echo(f"{'model':<44} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+                   f"{'img/s':>9} {'speedup':>7}")
+        for r in rows:
+            click.echo(f"{r['model'][-44:]:<44} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+                       f"{r['p99_ms']:>9.3f} {r['images_per_s']:>9.0f} {r['speedup']:>7.3f}")
+    emit_json(json_out, rows)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--max-bytes", help="Largest file size: 300KB, 1.5MB or plain bytes.")
+@click.option("--max-params", type=click.IntRange(0), help="Most stored parameters.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Slowest median latency at batch 1 on the CPU.")
+@click.option("--json", "json_out", help="Write the checks as JSON to PATH ('-' for stdout).")
+def check(model, max_bytes, max_params, max_latency_ms, json_out):
+    """Edge-deployment checks: a valid file that ONNX Runtime loads, within the given limits.
+
+    Exit status 0 when every limit holds, 1 naming the failing figure."""
+    from eval.checks import check_model, parse_size
+
+    try:
+        limit_bytes = parse_size(max_bytes) if max_bytes is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--max-bytes'")
+    rows = check_model(model, limit_bytes, max_params, max_latency_ms)
+    if json_out != "-":
+        for r in rows:
+            limit = "" if r["limit"] is None else f" (limit {r['limit']})"
+            click.echo(f"{'PASS' if r['ok'] else 'FAIL'}  {r['check']}: {r['value']}{limit}")
+    emit_json(json_out, rows)
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        click.echo("error: " + "; ".join(f"{r['check']} {r['value']} exceeds {r['limit']}" for r in failed),
+                   err=True)
+        sys.exit(1)
+
+
 def emit_json(target: str | None, data) -> None:
     """--json PATH writes atomically; '-' prints to stdout."""
     if target is None:
@@ -167,6 +231,8 @@ def main(argv=None):
         cli.main(args=argv, standalone_mode=False, prog_name="toolchain")
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
     except click.ClickException as exc:
         if debug:
             raise

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoints import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from .data import Split, load_split, to_tensor
-from .errors import DataError, ToolchainError
+from .errors import ToolchainError
 from .models import count_macs, count_params
 from .training import TrainConfig, evaluate, fit, recalibrate_bn
 
@@ -33,6 +33,7 @@ class ExportConfig:
     distill: bool = True
     centroid_bits: int | None = None  # method first: 8 for int8 centroids
     round_to: int | None = None  # method second: channel multiple of kept widths
+    calibration_images: int = 1024  # method second's least-squares refit
     seed: int = 0
     out: str | None = None
     method_options: dict = field(default_factory=dict)
@@ -82,7 +83,19 @@ def compress(cfg: ExportConfig, ckpt: Checkpoint, data: Data | None, log) -> tup
     if cfg.method == "first":
         from .methods.first import FirstConfig, apply_first
         return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **cfg.method_options))
-    raise ToolchainError(f"method {cfg.method} is not available in this version")
+    from .methods.second import SecondConfig, apply_second, cpu_channel_block
+    round_to = cfg.round_to or cpu_channel_block()
+    model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to))
+    info.pop("_assignments")
+    info["round_to"] = round_to
+    return model, info
+
+
+def reconstruct_second(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -> list[dict]:
+    """Method second's least-squares refit on seeded calibration images from the training split."""
+    from .methods.second import reconstruct
+    images = to_tensor(data.train.subset(cfg.calibration_images, cfg.seed).images, ckpt.mean, ckpt.std)
+    return reconstruct(model, ckpt.model, images)
 
 
 def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log) -> list[dict]:
@@ -106,18 +119,24 @@ def run_export(cfg: ExportConfig, log=print):
     model, info = compress(cfg, ckpt, data, log)
     accuracy = {}
     if data is not None and cfg.method != "none":
-        accuracy["clustered"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        def measure(stage):
+            accuracy[stage] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+            log(f"accuracy {stage}: {accuracy[stage]:.4f}")
+
+        measure("clustered")
+        if cfg.method == "second":
+            info["reconstruction"] = reconstruct_second(model, ckpt, data, cfg)
+            measure("reconstructed")
         recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std)
-        accuracy["recalibrated"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
-        log(f"accuracy after clustering {accuracy['clustered']:.4f}, "
-            f"after BN recalibration {accuracy['recalibrated']:.4f}")
+        measure("recalibrated")
         if cfg.finetune_epochs:
             info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log)
             accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
     elif data is not None:
         accuracy["source"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
     if data is None and cfg.method != "none":
-        log("no dataset given (--data or $CIFAR10_ROOT): exporting without BN recalibration or fine-tuning")
+        log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
+            "BN recalibration or fine-tuning")
     if cfg.method == "first" and cfg.centroid_bits:
         from .methods.first import quantize_centroids
         info["centroid_bits"] = cfg.centroid_bits

@@ -1,0 +1,77 @@
+"""Latency of ONNX models under ONNX Runtime, measured interleaved (A B A B ...) in one run.
+
+Interleaving makes machine noise (other processes, frequency changes) hit every model alike,
+so the speed-up against the first model (the baseline) is fair even on a busy machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .runtime import create_session, load_onnx
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 32, 256)
+    provider: str = "cpu"
+    threads: int | None = None
+    warmup: int = 5
+    repeats: int = 30
+
+
+class _Runner:
+    """One model's session and a ready input; `run()` times one inference in milliseconds."""
+
+    def __init__(self, path, cfg: BenchConfig, batch_size: int):
+        import time
+
+        self._clock = time.perf_counter
+        self.session = create_session(path, cfg.provider, cfg.threads)
+        name = self.session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+        if cfg.provider == "cuda":
+            # Inputs and outputs stay on the device: the timing is the model, not the copies.
+            import onnxruntime as ort
+
+            self.binding = self.session.io_binding()
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            self.binding.bind_output(self.session.get_outputs()[0].name, "cuda")
+            self._call = lambda: self.session.run_with_iobinding(self.binding)
+        else:
+            feed = {name: x}
+            self._call = lambda: self.session.run(None, feed)
+
+    def run(self) -> float:
+        start = self._clock()
+        self._call()
+        return (self._clock() - start) * 1000.0
+
+
+def bench(models: list[str | os.PathLike], cfg: BenchConfig, progress=None) -> list[dict]:
+    """Rows of the CLI contract: model, provider, batch_size, p50/p90/p99 ms, images/s, speedup."""
+    for path in models:
+        load_onnx(path)  # validate every file before spending time on any
+    rows = []
+    for batch_size in cfg.batch_sizes:
+        runners = [_Runner(path, cfg, batch_size) for path in models]
+        for _ in range(cfg.warmup):
+            for r in runners:
+                r.run()
+        times = [[] for _ in runners]
+        for _ in range(cfg.repeats):
+            for r, t in zip(runners, times):
+                t.append(r.run())
+        if progress:
+            progress(batch_size)
+        base_p50 = float(np.median(times[0]))
+        for path, t in zip(models, times):
+            p50, p90, p99 = (float(np.percentile(t, q)) for q in (50, 90, 99))
+            rows.append({"model": str(path), "provider": cfg.provider, "batch_size": batch_size,
+                         "p50_ms": round(p50, 4), "p90_ms": round(p90, 4), "p99_ms": round(p99, 4),
+                         "images_per_s": round(batch_size / (p50 / 1000.0), 1),
+                         "speedup": round(base_p50 / p50, 4)})
+    return rows

@@ -1,0 +1,96 @@
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from toolchain.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from toolchain.data import to_tensor
+from toolchain.methods.second import SecondConfig, apply_second, block_errors, kept_width, reconstruct
+from toolchain.models import build_model, count_macs
+from toolchain.pipeline import ExportConfig, run_export
+from toolchain.training import evaluate
+
+
+def _random_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_pruned_shapes_and_macs():
+    pruned, info = apply_second(_random_model(), SecondConfig(ratio=0.5))
+    assert info["inner_widths"] == [8] * 3 + [16] * 3 + [32] * 3
+    for block, width in zip(pruned.blocks(), info["inner_widths"]):
+        assert block.conv1.weight.shape[0] == width and block.conv2.weight.shape[1] == width
+        assert block.bn1.num_features == width and block.conv2.out_channels in (16, 32, 64)
+    assert count_macs(pruned) <= 0.52 * count_macs(_random_model())
+
+
+@pytest.mark.parametrize("ratio, round_to, width16", [(0.5, 1, 8), (0.5, 16, 16), (0.8, 8, 8), (0.9, 1, 2)])
+def test_round_to(ratio, round_to, width16):
+    assert kept_width(16, ratio, round_to) == width16
+
+
+def test_duplicate_filters_merge_exactly():
+    model = _random_model()
+    with torch.no_grad():
+        for block in model.blocks():  # every filter of conv1 (and its BN) appears twice
+            half = block.conv1.out_channels // 2
+            block.conv1.weight[half:] = block.conv1.weight[:half]
+            for t in (block.bn1.weight, block.bn1.bias, block.bn1.running_mean, block.bn1.running_var):
+                t[half:] = t[:half]
+    pruned, _ = apply_second(model, SecondConfig(ratio=0.5))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(pruned(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_checkpoint_round_trip(tmp_path):
+    pruned, _ = apply_second(_random_model(), SecondConfig(ratio=0.75))
+    path = tmp_path / "pruned.pt"
+    save_checkpoint(path, Checkpoint(pruned, "resnet20"))
+    loaded = load_checkpoint(path)
+    assert loaded.model.inner_widths() == pruned.inner_widths()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.model.eval()(x), pruned(x))
+
+
+def test_bad_ratio():
+    for bad in (0, 1, -1, float("nan")):
+        with pytest.raises(ValueError, match="ratio"):
+            SecondConfig(ratio=bad)
+
+
+def test_exported_graph_is_smaller_and_matches(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    source = tmp_path / "src.pt"
+    save_checkpoint(source, Checkpoint(_random_model(), "resnet20"))
+    out = tmp_path / "second.onnx"
+    result = run_export(ExportConfig(method="second", ratio=0.5, round_to=1, checkpoint=str(source),
+                                     out=str(out)), log=print)
+    proto = onnx.load(str(out))
+    conv_out = sorted(int(t.dims[0]) for t in proto.graph.initializer if len(t.dims) == 4)
+    # stem 16; block conv1s 8/16/32 (narrowed); block conv2s 16/32/64 (full)
+    assert conv_out == [8] * 3 + [16] * 7 + [32] * 6 + [64] * 3
+    assert result.manifest["inner_widths"] == [8] * 3 + [16] * 3 + [32] * 3
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    assert result.max_abs_diff < 1e-4
+
+
+def test_least_squares_helps_on_held_out_real_images(baseline, train_split, test_split):
+    pruned, _ = apply_second(baseline.model, SecondConfig(ratio=0.5, n_init=2))
+    held_out = to_tensor(test_split.subset(256, seed=1).images)
+    before = block_errors(pruned, baseline.model, held_out)
+    merged_accuracy = evaluate(pruned, test_split.subset(1000))
+    reconstruct(pruned, baseline.model, to_tensor(train_split.subset(512, seed=0).images))
+    after = block_errors(pruned, baseline.model, held_out)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert evaluate(pruned, test_split.subset(1000)) > merged_accuracy + 0.2

@@ -1,0 +1,188 @@
+"""Method second: each residual block's first conv keeps only centroid filters.
+
+Per block: fold BN1 into conv1, cluster the rows [filter, bias] with K-Means, keep one
+filter per cluster (the centroid), and give conv2 one input channel per cluster: the
+**sum** of its members' input slices (exact when the members are identical). The
+result is a plain, smaller CifarResNet (narrower blocks), no masks or gathers.
+
+With calibration images, `reconstruct` then refits each block's conv2 by ridge least
+squares so that, fed by the compressed network so far, it reproduces the original
+block's conv2 output: the biggest accuracy lever before fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clustering import clusters_for, kmeans
+from ..models import BasicBlock, CifarResNet
+
+
+@dataclass
+class SecondConfig:
+    ratio: float = 0.5
+    seed: int = 0
+    n_init: int = 4
+    round_to: int = 1  # round each kept width up to a multiple of this (CPU channel blocks)
+
+    def __post_init__(self):
+        clusters_for(1, self.ratio)  # validates the ratio
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be 1 or more, got {self.round_to}")
+
+
+def cpu_channel_block() -> int:
+    """Channels per block of ONNX Runtime's CPU convolutions: 16 with AVX-512, 8 with AVX2."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return 1
+    if " avx512f" in flags:
+        return 16
+    return 8 if " avx2" in flags else 1
+
+
+def kept_width(filters: int, ratio: float, round_to: int) -> int:
+    k = clusters_for(filters, ratio)
+    return min(filters, math.ceil(k / round_to) * round_to)
+
+
+def _folded_conv1(block: BasicBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv1 with BN1 folded in: (weight, bias) of the pre-ReLU output."""
+    bn = block.bn1
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return block.conv1.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def _set_affine(bn: nn.BatchNorm2d, shift: torch.Tensor, mean: torch.Tensor | None = None,
+                var: torch.Tensor | None = None) -> None:
+    """Make `bn` compute x + shift, with the given statistics (so recalibration keeps it exact)."""
+    mean = torch.zeros_like(shift) if mean is None else mean
+    var = torch.full_like(shift, 1 - bn.eps) if var is None else var
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.weight.data.copy_(torch.sqrt(var + bn.eps))
+    bn.bias.data.copy_(mean + shift)
+
+
+@torch.no_grad()
+def shrink_block(block: BasicBlock, k: int, cfg: SecondConfig) -> tuple[BasicBlock, dict]:
+    """A new block whose conv1 keeps k centroid filters and whose conv2 sums the merged inputs."""
+    weight, bias = _folded_conv1(block)
+    rows = torch.cat([weight.flatten(1), bias[:, None]], 1).numpy()
+    result = kmeans(rows, k, cfg.seed, cfg.n_init)
+    centroids = torch.from_numpy(result.centroids)
+    assignment = torch.from_numpy(result.assignment)
+    k = len(centroids)
+    new = BasicBlock(block.conv1.in_channels, block.conv2.out_channels, block.conv1.stride[0], k)
+    new.conv1.weight.copy_(centroids[:, :-1].view(k, *weight.shape[1:]))
+    _set_affine(new.bn1, centroids[:, -1])
+    merge = F.one_hot(assignment, k).to(weight.dtype)  # (filters, k): member -> cluster
+    new.conv2.weight.copy_(torch.einsum("oikl,ij->ojkl", block.conv2.weight, merge))
+    new.bn2.load_state_dict(block.bn2.state_dict())
+    new.shortcut = copy.deepcopy(block.shortcut)
+    new.train(block.training)
+    return new, {"filters": block.conv1.out_channels, "kept": k, "inertia": result.inertia,
+                 "assignment": result.assignment.tolist()}
+
+
+def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, dict]:
+    """Shrink every block of a copy of `model`; returns it and a record per block."""
+    model = copy.deepcopy(model).eval()
+    blocks = []
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for i, block in enumerate(stage):
+            k = kept_width(block.conv1.out_channels, cfg.ratio, cfg.round_to)
+            stage[i], record = shrink_block(block, k, cfg)
+            blocks.append(record)
+    return model, {"blocks": [{k: v for k, v in b.items() if k != "assignment"} for b in blocks],
+                   "inner_widths": model.inner_widths(), "_assignments": [b["assignment"] for b in blocks]}
+
+
+def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _stem(model: CifarResNet, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(model.bn1(model.conv1(x)))
+
+
+def _conv2_input(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(block.bn1(block.conv1(x)))
+
+
+@torch.no_grad()
+def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
+                ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
+    """Refit each block's conv2 by ridge least squares, block by block in network order.
+
+    Features: the pruned block's conv2 input, computed from the pruned network's own block
+    input (so earlier blocks' errors are corrected too). Target: the original block's conv2
+    output on the original network's block input. BN1 statistics are set from the same images.
+    Returns the relative squared error of each block's conv2 output before and after.
+    """
+    pruned.eval()
+    original.eval()
+    p_in = _batched(lambda x: _stem(pruned, x), images, batch_size)
+    o_in = _batched(lambda x: _stem(original, x), images, batch_size)
+    errors = []
+    for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
+        z = _batched(p_block.conv1, p_in, batch_size)
+        shift = p_block.bn1.bias - p_block.bn1.running_mean  # what BN1 adds to z, exactly
+        stats = z.transpose(0, 1).flatten(1)
+        _set_affine(p_block.bn1, shift, stats.mean(1), stats.var(1))  # same function, real statistics
+        hidden = F.relu(p_block.bn1(z))
+        target = _batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
+        before = _relative_error(p_block.conv2, hidden, target, batch_size)
+        _refit(p_block.conv2, hidden, target, ridge, batch_size)
+        errors.append({"block": index, "relative_error_before": before,
+                       "relative_error_after": _relative_error(p_block.conv2, hidden, target, batch_size)})
+        p_in = _batched(p_block, p_in, batch_size)
+        o_in = _batched(o_block, o_in, batch_size)
+    return errors
+
+
+@torch.no_grad()
+def block_errors(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
+                 batch_size: int = 256) -> list[float]:
+    """Relative squared error of each pruned block's conv2 output against the original's,
+    each network fed by its own earlier blocks (as in `reconstruct`)."""
+    pruned.eval()
+    original.eval()
+    p_in = _batched(lambda x: _stem(pruned, x), images, batch_size)
+    o_in = _batched(lambda x: _stem(original, x), images, batch_size)
+    errors = []
+    for p_block, o_block in zip(pruned.blocks(), original.blocks()):
+        hidden = _batched(lambda x: _conv2_input(p_block, x), p_in, batch_size)
+        target = _batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
+        errors.append(_relative_error(p_block.conv2, hidden, target, batch_size))
+        p_in = _batched(p_block, p_in, batch_size)
+        o_in = _batched(o_block, o_in, batch_size)
+    return errors
+
+
+def _relative_error(conv: nn.Conv2d, hidden: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    out = _batched(conv, hidden, batch_size)
+    return float(((out - target) ** 2).sum() / (target ** 2).sum())
+
+
+def _refit(conv: nn.Conv2d, hidden: torch.Tensor, target: torch.Tensor, ridge: float, batch_size: int) -> None:
+    """conv.weight <- argmin ||conv(hidden) - target||^2 + ridge * mean(diag) * ||W||^2."""
+    dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, conv.out_channels, dtype=torch.float64)
+    for i in range(0, len(hidden), batch_size):
+        cols = F.unfold(hidden[i:i + batch_size], conv.kernel_size, padding=conv.padding,
+                        stride=conv.stride).transpose(1, 2).reshape(-1, dim).double()
+        y = target[i:i + batch_size].permute(0, 2, 3, 1).reshape(-1, conv.out_channels).double()
+        gram += cols.T @ cols
+        cross += cols.T @ y
+    gram += ridge * gram.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
+    conv.weight.copy_(torch.linalg.solve(gram, cross).T.reshape(conv.weight.shape).float())
