@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from export.manifest import file_sizes
+from export.manifest import file_sizes, read_metadata
 
 from .bench import BenchConfig, bench
 from .graph_stats import onnx_params
@@ -33,7 +33,8 @@ def check_model(path: str | os.PathLike, max_bytes: int | None = None, max_param
         size = file_sizes(path)["model_bytes"]
         rows.append({"check": "bytes", "value": size, "limit": max_bytes, "ok": size <= max_bytes})
     if max_params is not None:
-        params = onnx_params(proto)
+        manifest = read_metadata(proto)  # the same figure `eval` reports, when the file has one
+        params = manifest["params"] if "params" in manifest else onnx_params(proto)
         rows.append({"check": "params", "value": params, "limit": max_params, "ok": params <= max_params})
     if max_latency_ms is not None:
         row = bench([path], BenchConfig(batch_sizes=(1,), repeats=repeats))[0]

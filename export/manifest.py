@@ -60,10 +60,12 @@ def read_metadata(proto: onnx.ModelProto) -> dict:
 
 
 def manifest_path(model_path: str | os.PathLike) -> Path:
-    return Path(model_path).with_suffix(".json")
+    """`model.onnx` -> `model.manifest.json` (distinct from a checkpoint's training record)."""
+    return Path(model_path).with_suffix(".manifest.json")
 
 
-def write_manifest(model_path: str | os.PathLike, manifest: dict) -> dict:
-    full = {**manifest, **file_sizes(model_path)}
+def write_manifest(model_path: str | os.PathLike, manifest: dict, sized_from=None) -> dict:
+    """Write the manifest beside `model_path`, with the bytes of `sized_from` (default: the model)."""
+    full = {**manifest, **file_sizes(sized_from or model_path)}
     write_json(manifest_path(model_path), full)
     return full

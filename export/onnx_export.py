@@ -67,25 +67,36 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
     """Export `model` to `out` atomically, check it against PyTorch, embed and write the manifest.
 
     `keep_structure` keeps BatchNorm nodes and un-folded weight expressions (method first).
-    The manifest goes into the file's metadata_props and beside it as `<out>.json`
-    (the latter adds the file's bytes, which the embedded copy cannot know).
+    The check runs on the final graph; the manifest goes into the file's metadata_props and
+    beside it (`<out stem>.manifest.json`, which adds the file's bytes). Both files appear
+    only once everything succeeded.
     """
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ToolchainError(f"output {out} must end in .onnx")
+    out = check_output_path(out)
     with atomic_path(out) as tmp:
         _export_to(model, tmp, keep_structure)
         proto = onnx.load(str(tmp))
+        proto.producer_name = "cifar-filter-toolchain"
+        compact_names(proto.graph)
+        onnx.save(proto, str(tmp))
         diff = max_logit_difference(model, tmp, check_inputs)
-        manifest = {**manifest, "max_abs_diff": diff, "check_images": int(len(check_inputs))}
         if not diff <= tolerance:
             raise ExportCheckError(f"ONNX Runtime's logits differ from PyTorch's by {diff:.2e} "
                                    f"(tolerance {tolerance:.0e}); the export is not written")
-        proto.producer_name = "cifar-filter-toolchain"
-        compact_names(proto.graph)
-        set_metadata(proto, manifest)
+        manifest = {**manifest, "max_abs_diff": diff, "check_images": int(len(check_inputs))}
+        set_metadata(proto, manifest)  # metadata only: the checked graph is unchanged
         onnx.save(proto, str(tmp))
-    return ExportResult(out, diff, write_manifest(out, manifest))
+        manifest = write_manifest(out, manifest, sized_from=tmp)
+    return ExportResult(out, diff, manifest)
+
+
+def check_output_path(out: str | os.PathLike) -> Path:
+    """Fail before any work is done when the output cannot be an ONNX file."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ToolchainError(f"output {out} must end in .onnx")
+    if out.is_dir():
+        raise ToolchainError(f"output {out} is a folder; give a file name ending in .onnx")
+    return out
 
 
 def compact_names(graph: onnx.GraphProto) -> None:

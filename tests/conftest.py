@@ -17,10 +17,8 @@ BASELINE = REPO / "artifacts" / "resnet20_cifar10.pt"
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    """Decoded-image cache shared by the whole run, outside ../shared and the user's cache."""
-    if "TOOLCHAIN_CACHE_DIR" not in os.environ:
-        os.environ["TOOLCHAIN_CACHE_DIR"] = str(Path.home() / ".cache" / "cifar-toolchain")
+def _threads():
+    """Decoded images go to the user cache (never ../shared), shared across runs."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -10,9 +10,9 @@ EVAL_FIELDS = {"model", "provider", "accuracy", "images", "model_bytes", "gzip_b
 def test_help_lists_the_commands():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("train", "export", "eval"):
-        assert command in result.stdout
-    for command in ("train", "export", "eval"):
+    listed = result.stdout.split("Commands:")[1].split()
+    for command in ("train", "export", "eval", "bench", "sweep", "check"):
+        assert command in listed
         assert run_cli(command, "--help").returncode == 0
 
 
@@ -24,7 +24,9 @@ def test_help_lists_the_commands():
     (["export", "--ratio", "half"], "is not a number"),
     (["export", "--method", "third"], "Invalid value for '--method'"),
     (["export", "--checkpoint", "/nonexistent.pt"], "does not exist"),
-    (["eval", "/nonexistent.onnx", "--data", "/nonexistent"], "does not exist"),
+    (["eval", "/nonexistent.onnx"], "model /nonexistent.onnx does not exist"),
+    (["eval", "/etc/hostname", "--data", "/nonexistent"], "dataset folder /nonexistent does not exist"),
+    (["export", "--out", "model.txt"], "must end in .onnx"),
     (["train", "--arch", "resnet21", "--data", "/tmp"], "unknown architecture"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
@@ -56,7 +58,8 @@ def test_export_then_eval_onnx_and_missing_cuda(tmp_path, baseline_path, data_ro
     out = tmp_path / "none.onnx"
     result = run_cli("export", "--method", "none", "--checkpoint", baseline_path, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "max abs difference" in result.stdout and out.is_file() and out.with_suffix(".json").is_file()
+    assert "max abs difference" in result.stdout and out.is_file()
+    assert json.loads(out.with_suffix(".manifest.json").read_text())["method"] == "none"
     result = run_cli("eval", out, "--data", data_root, "--limit", "500", "--json", "-")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["accuracy"] > 0.85

@@ -85,13 +85,21 @@ def test_missing_data_root_and_no_env(monkeypatch):
 
 
 def test_augment_crops_and_flips_per_image():
-    images = torch.arange(32, dtype=torch.uint8).view(1, 1, 32, 1).expand(64, 32, 32, 3).contiguous()
-    out = augment(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape
-    # Each image is a shifted copy (rows move by -4..4, zeros where padding came in).
-    shifts = {int(out[i, :, 16, 0].max()) - 31 for i in range(64)}
-    assert len(shifts) > 3
-    assert not torch.equal(out[0], out[1]) or not torch.equal(out[1], out[2])
+    # Pixel (r, c) holds r in channel 0 and c in channel 1 (values 1..32; 0 marks padding).
+    grid = torch.arange(1, 33, dtype=torch.uint8)
+    image = torch.stack([grid.view(32, 1).expand(32, 32), grid.view(1, 32).expand(32, 32),
+                         torch.zeros(32, 32, dtype=torch.uint8)], -1)
+    out = augment(image.expand(200, 32, 32, 3).contiguous(), torch.Generator().manual_seed(0)).int()
+    row_shift, col_step, col_shift = [], [], []
+    for img in out:
+        rows, cols = img[:, 16, 0], img[16, :, 1]
+        inside_r, inside_c = rows[rows > 0], cols[cols > 0]
+        assert torch.all(inside_r.diff() == 1)  # rows keep their order, shifted by a crop
+        row_shift.append(int(inside_r[0]) - int((rows > 0).nonzero()[0]) - 1)
+        col_step.append(int(inside_c.diff()[0]))  # +1 as is, -1 when flipped
+        assert abs(row_shift[-1]) <= 4 and len(inside_c) >= 28
+    assert set(col_step) == {1, -1}  # both flipped and unflipped images
+    assert len(set(row_shift)) == 9  # every crop offset -4..4 occurs
 
 
 def test_batches_cover_split_once(tmp_path):

@@ -46,7 +46,7 @@ def test_plain_export_matches_pytorch_at_any_batch_size(tmp_path, random_checkpo
     for n in (1, 7):
         x = torch.randn(n, 3, 32, 32)
         np.testing.assert_allclose(_run(out, x), model(x).detach().numpy(), atol=1e-4)
-    beside = json.loads(out.with_suffix(".json").read_text())
+    beside = json.loads(out.with_suffix(".manifest.json").read_text())
     assert beside["model_bytes"] == out.stat().st_size
     assert read_metadata(proto)["params"] == beside["params"] == 269_722
     assert beside["method"] == "none" and result.max_abs_diff <= 1e-4

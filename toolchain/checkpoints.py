@@ -130,7 +130,10 @@ def load_checkpoint(path: str | os.PathLike | None = None, arch: str | None = No
 def load_state_strict(model: torch.nn.Module, state: dict, path) -> None:
     """Load with one clear error naming the first key that does not fit."""
     expected = model.state_dict()
+    state = dict(state)
     for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:  # older public files lack it
+            state[key] = value
         if key not in state:
             raise CheckpointError(f"{path} does not fit {type(model).__name__}: missing key {key!r}")
         if state[key].shape != value.shape:

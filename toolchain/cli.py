@@ -52,9 +52,10 @@ def cli(ctx, debug):
 @click.option("--arch", default="resnet20", show_default=True, help="resnet20|resnet32|resnet44|resnet56|resnet110")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
 @click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default="artifacts/resnet20_cifar10.pt",
-              show_default=True, help="Checkpoint written after every epoch.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Checkpoint written after every epoch; default: artifacts/<arch>_cifar10.pt.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
+@click.option("--force", is_flag=True, help="Replace an existing --out instead of refusing.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Peak learning rate.")
@@ -64,7 +65,7 @@ def cli(ctx, debug):
 @click.option("--limit", type=click.IntRange(1), help="Train on a seeded random subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Report test accuracy on a subset of N test images.")
 @click.option("--download", is_flag=True, help="Fetch the original CIFAR-10 with torchvision first.")
-def train(arch, data, epochs, out, resume, seed, lr, batch_size, schedule, weight_decay, limit, test_limit,
+def train(arch, data, epochs, out, resume, force, seed, lr, batch_size, schedule, weight_decay, limit, test_limit,
           download):
     """Train a CIFAR ResNet from scratch (SGD, Nesterov, crop+flip), a checkpoint per epoch."""
     from .data import load_split
@@ -72,13 +73,16 @@ def train(arch, data, epochs, out, resume, seed, lr, batch_size, schedule, weigh
     from .training import TrainConfig, train_checkpoint
 
     parse_arch(arch)
+    out = out or f"artifacts/{arch.lower()}_cifar10.pt"
     if download:
+        if data is None:
+            raise ToolchainError("--download needs --data DIR: the folder to download CIFAR-10 into")
         load_split(data, "test", download=True)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       schedule=schedule, seed=seed)
     command = "toolchain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        history = train_checkpoint(arch, data, out, cfg, resume=resume, command=command,
+        history = train_checkpoint(arch, data, out, cfg, resume=resume, force=force, command=command,
                                    limit=limit, test_limit=test_limit, log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: the last finished epoch is saved in {out}; "
@@ -119,7 +123,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, out=out, method_options=options)
-    result = run_export(cfg, log=click.echo)
+    result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"))
     emit_json(json_out, result.manifest)
 
 
@@ -139,6 +143,10 @@ def eval_cmd(model, data, provider, batch_size, limit, threads, arch, json_out):
 
     from .data import load_split
 
+    from pathlib import Path
+
+    if not Path(model).is_file():
+        raise ToolchainError(f"model {model} does not exist")
     split = load_split(data, "test").subset(limit)
     row = evaluate_model(model, split, provider=provider, batch_size=batch_size, threads=threads, arch=arch)
     if json_out != "-":
@@ -146,6 +154,56 @@ def eval_cmd(model, data, provider, batch_size, limit, threads, arch, json_out):
                    f"({row['provider']}, {row['seconds']:.2f}s); {row['model_bytes']:,} bytes "
                    f"({row['gzip_bytes']:,} gzipped), {row['params']:,} params, {row['macs'] / 1e6:.2f}M MACs")
     emit_json(json_out, row)
+
+
+def _ratio_list(value: str) -> tuple[float, ...]:
+    ratio = Ratio()
+    return tuple(ratio.convert(v.strip(), None, None) for v in value.split(","))
+
+
+@cli.command()
+@click.option("--method", "methods", type=click.Choice(["first", "second"]), multiple=True, default=["first"],
+              show_default=True, help="Method to sweep; repeat to sweep both into one report.")
+@click.option("--ratios", default="0.25,0.5,0.75,0.9", show_default=True, help="Comma-separated ratios.")
+@click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
+@click.option("--arch", help="Architecture, where the checkpoint does not record it.")
+@click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: int8 centroids.")
+@click.option("--round-to", type=click.IntRange(1), help="Method second: channel multiple of kept widths.")
+@click.option("--features", type=click.Choice(["bn-weighted", "raw"]), default="bn-weighted", show_default=True,
+              help="Method first: clustering error weighted by BatchNorm scale, or plain.")
+@click.option("--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+              help="Method first: same ratio per layer, or per-layer k from one parameter budget.")
+@click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
+@click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
+@click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
+@click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
+def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, centroid_bits, round_to,
+          features, allocation, train_limit, test_limit, repeats, out):
+    """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
+
+    Resumable: finished ratios recorded in OUT/results.json are not redone."""
+    from .pipeline import ExportConfig
+    from .sweep import SweepConfig, run_sweep
+
+    try:
+        ratio_values = _ratio_list(ratios)
+    except click.BadParameter as exc:
+        raise click.BadParameter(exc.message, param_hint="'--ratios'")
+    export_cfg = ExportConfig(checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
+                              finetune_lr=finetune_lr, centroid_bits=int(centroid_bits) if centroid_bits else None,
+                              round_to=round_to, train_limit=train_limit, test_limit=test_limit,
+                              method_options={"features": features, "allocation": allocation})
+    try:
+        run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,
+                              export=export_cfg, repeats=repeats), log=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished ratios are kept in {out}/results.json; "
+                   "run the same command again to continue", err=True)
+        sys.exit(130)
+    click.echo(f"report: {out}/report.md")
 
 
 def _int_list(value: str) -> tuple[int, ...]:

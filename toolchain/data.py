@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, ToolchainError
 from .io import atomic_path
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -88,11 +89,12 @@ def load_split(data: str | os.PathLike | None, split: str, download: bool = Fals
         raise DataError(f"{root} has no {split}/ folder and no cifar-10-batches-py/ (expected "
                         f"{split}/<class>/*.jpg or torchvision's cifar-10-batches-py layout)")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [f for c in classes for f in sorted((folder / c).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
+    labelled = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).iterdir())
+                if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not labelled:
         raise DataError(f"{folder} holds no images (expected {split}/<class>/*.jpg)")
-    return _cached(root, split, files, lambda: _read_image_folder(folder, classes))
+    return _cached(root, split, [f for f, _ in labelled],
+                   lambda: _read_image_folder(labelled, tuple(classes), split))
 
 
 def _pickle_folder(root: Path) -> Path | None:
@@ -123,13 +125,15 @@ def _cached(root: Path, split: str, files: list[Path], decode) -> Split:
         try:
             with np.load(path) as z:
                 return Split(z["images"], z["labels"], tuple(str(c) for c in z["classes"]))
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # a damaged cache entry is simply rebuilt
+        except Exception:  # a damaged cache entry (truncated, zip errors, ...) is simply rebuilt
+            pass
     result = decode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=result.images, labels=result.labels, classes=np.array(result.classes))
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=result.images, labels=result.labels, classes=np.array(result.classes))
+    except (ToolchainError, OSError) as exc:  # no cache is slower, not wrong
+        warnings.warn(f"could not cache decoded images in {path.parent}: {exc}", stacklevel=2)
     return result
 
 
@@ -148,14 +152,12 @@ def _read_pickled(files: list[Path]) -> Split:
                  np.concatenate(labels), CIFAR10_CLASSES)
 
 
-def _read_image_folder(folder: Path, classes: list[str]) -> Split:
+def _read_image_folder(files: list[tuple[Path, int]], classes: tuple[str, ...], split: str) -> Split:
     from PIL import Image
     from tqdm import tqdm
 
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
     images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
-    for i, (f, _) in enumerate(tqdm(files, desc=f"decoding {folder.name}", unit="img",
+    for i, (f, _) in enumerate(tqdm(files, desc=f"decoding {split}", unit="img",
                                     leave=False, mininterval=1.0, disable=None)):
         try:
             with Image.open(f) as im:
@@ -166,7 +168,7 @@ def _read_image_folder(folder: Path, classes: list[str]) -> Split:
             raise DataError(f"image {f} is {array.shape[1]}x{array.shape[0]}, expected 32x32")
         images[i] = array
     labels = np.array([label for _, label in files], dtype=np.int64)
-    return Split(images, labels, tuple(classes))
+    return Split(images, labels, classes)
 
 
 def to_tensor(images: np.ndarray | torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:

@@ -25,11 +25,16 @@ def atomic_path(target: str | os.PathLike):
         raise ToolchainError(f"cannot write {target}: a parent of it is a file, not a folder") from exc
     except PermissionError as exc:
         raise ToolchainError(f"cannot write {target}: permission denied in {target.parent}") from exc
+    except OSError as exc:
+        raise ToolchainError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise ToolchainError(f"cannot write {target}: {exc.strerror or exc}") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -31,16 +31,42 @@ def parse_arch(arch: str) -> int:
                      + ", ".join(f"resnet{d}" for d in DEPTHS))
 
 
+def _subsample_and_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+
+
+class _ShortcutAsConv(torch.autograd.Function):
+    """Option A written for ONNX as a 1x1 stride-2 Conv whose 0/1 weight is built in the graph.
+
+    ONNX Runtime's CPU layout (NCHWc) has no Slice/Pad kernels, so the usual export forces
+    layout reorders around every shortcut; a Conv stays in the blocked layout. The weight is
+    EyeLike(k=-pad) of a [planes, in_planes] zero tensor, folded at load: no bytes in the file.
+    """
+
+    @staticmethod
+    def forward(ctx, x, in_planes, pad):
+        return _subsample_and_pad(x, pad)
+
+    @staticmethod
+    def symbolic(g, x, in_planes, pad):
+        shape = g.op("Constant", value_t=torch.tensor([in_planes + 2 * pad, in_planes], dtype=torch.int64))
+        zeros = g.op("ConstantOfShape", shape, value_t=torch.tensor([0.0]))
+        eye = g.op("EyeLike", zeros, k_i=-pad)
+        weight = g.op("Unsqueeze", eye, g.op("Constant", value_t=torch.tensor([2, 3], dtype=torch.int64)))
+        return g.op("Conv", x, weight, kernel_shape_i=[1, 1], strides_i=[2, 2])
+
+
 class ShortcutA(nn.Module):
     """Parameter-free shortcut: stride-2 subsampling plus zero channel padding."""
 
     def __init__(self, in_planes: int, planes: int):
         super().__init__()
-        self.pad = (planes - in_planes) // 2
+        self.in_planes, self.pad = in_planes, (planes - in_planes) // 2
 
     def forward(self, x):
-        x = x[:, :, ::2, ::2]
-        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+        if torch.onnx.is_in_onnx_export():
+            return _ShortcutAsConv.apply(x, self.in_planes, self.pad)
+        return _subsample_and_pad(x, self.pad)
 
 
 class BasicBlock(nn.Module):

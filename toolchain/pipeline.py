@@ -34,6 +34,8 @@ class ExportConfig:
     centroid_bits: int | None = None  # method first: 8 for int8 centroids
     round_to: int | None = None  # method second: channel multiple of kept widths
     calibration_images: int = 1024  # method second's least-squares refit
+    train_limit: int | None = None  # subsets, for quick runs and tests
+    test_limit: int | None = None
     seed: int = 0
     out: str | None = None
     method_options: dict = field(default_factory=dict)
@@ -46,11 +48,13 @@ class ExportConfig:
         if self.finetune_epochs < 0:
             raise ToolchainError("--finetune-epochs must be 0 or more")
 
-    def default_out(self, arch: str) -> Path:
+    def tag(self) -> str:
+        """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, ..."""
         tag = "none" if self.method == "none" else f"{self.method}_r{self.ratio:g}"
-        if self.centroid_bits:
-            tag += f"_int{self.centroid_bits}"
-        return Path("artifacts") / f"{arch}_{tag}.onnx"
+        return tag + (f"_int{self.centroid_bits}" if self.centroid_bits and self.method == "first" else "")
+
+    def default_out(self, arch: str) -> Path:
+        return Path("artifacts") / f"{arch}_{self.tag()}.onnx"
 
 
 @dataclass
@@ -59,11 +63,13 @@ class Data:
     test: Split
 
 
-def load_data(data: str | None, test_limit: int | None = None) -> Data | None:
+def load_data(data: str | None, train_limit: int | None = None, test_limit: int | None = None,
+              seed: int = 0) -> Data | None:
     """Train and test splits when a dataset is given or $CIFAR10_ROOT is set; None otherwise."""
     if data is None and not os.environ.get("CIFAR10_ROOT"):
         return None
-    return Data(load_split(data, "train"), load_split(data, "test").subset(test_limit))
+    return Data(load_split(data, "train").subset(train_limit, seed),
+                load_split(data, "test").subset(test_limit, seed))
 
 
 def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tensor:
@@ -73,20 +79,19 @@ def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tens
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def compress(cfg: ExportConfig, ckpt: Checkpoint, data: Data | None, log) -> tuple[torch.nn.Module, dict]:
+def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict]:
     """Apply the configured method to a copy of the model; returns it and what was done."""
     import copy
 
-    model = copy.deepcopy(ckpt.model).eval()
     if cfg.method == "none":
-        return model, {}
+        return copy.deepcopy(ckpt.model).eval(), {}
+    model = ckpt.model.eval()  # the methods work on a copy
     if cfg.method == "first":
         from .methods.first import FirstConfig, apply_first
         return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **cfg.method_options))
     from .methods.second import SecondConfig, apply_second, cpu_channel_block
     round_to = cfg.round_to or cpu_channel_block()
     model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to))
-    info.pop("_assignments")
     info["round_to"] = round_to
     return model, info
 
@@ -109,14 +114,14 @@ def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, lo
 def run_export(cfg: ExportConfig, log=print):
     """The whole export pipeline; returns export.onnx_export.ExportResult."""
     from export.manifest import sha256_of, versions
-    from export.onnx_export import export_onnx
+    from export.onnx_export import check_output_path, export_onnx
 
     t0 = time.perf_counter()
     source = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
     ckpt = load_checkpoint(source, cfg.arch)
-    data = load_data(cfg.data)
-    out = Path(cfg.out) if cfg.out else cfg.default_out(ckpt.arch)
-    model, info = compress(cfg, ckpt, data, log)
+    data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
+    out = check_output_path(cfg.out or cfg.default_out(ckpt.arch))
+    model, info = compress(cfg, ckpt)
     accuracy = {}
     if data is not None and cfg.method != "none":
         def measure(stage):
@@ -153,6 +158,7 @@ def run_export(cfg: ExportConfig, log=print):
         "baseline": {"params": count_params(ckpt.model), "macs": count_macs(ckpt.model)},
         "accuracy": accuracy or None, "test_images": len(data.test) if data else 0,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "data", "out")},
+        "finetune_epochs": cfg.finetune_epochs if data is not None and cfg.method != "none" else 0,
         **info, "versions": versions(),
     }
     result = export_onnx(model, out, manifest, check_inputs(ckpt, data),

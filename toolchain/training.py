@@ -111,12 +111,11 @@ def recalibrate_bn(model: nn.Module, split: Split, images: int = 2048, batch_siz
 
 def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
         save=None, state: dict | None = None, teacher: nn.Module | None = None,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, log=print, rank: int = 0, world_size: int = 1,
-        wrap=None) -> list[EpochRecord]:
+        mean=CIFAR10_MEAN, std=CIFAR10_STD, log=print, rank: int = 0,
+        world_size: int = 1) -> list[EpochRecord]:
     """Train `model` for cfg.epochs; `save(history, state)` is called after every epoch.
 
     `state` is a dict from an earlier `save` (optimizer, scheduler, epoch, history) to resume.
-    `wrap` turns the model into its distributed form (DDP) for the forward pass.
     """
     torch.manual_seed(cfg.seed)
     steps = math.ceil(len(train) / world_size / cfg.batch_size)
@@ -131,7 +130,6 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
         start_epoch = state["epoch"]
     if teacher is not None:
         teacher.eval()
-    runner = wrap(model) if wrap else model
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -142,7 +140,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
                    disable=None if rank == 0 else True, mininterval=2.0)
         for x, y in bar:
             x = x.contiguous(memory_format=torch.channels_last)
-            logits = runner(x)
+            logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
@@ -172,30 +170,42 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
     return history
 
 
-def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = False,
+def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                      command: str | None = None, limit: int | None = None,
-                     test_limit: int | None = None, log=print, rank: int = 0, world_size: int = 1,
-                     wrap=None):
-    """Train a CIFAR ResNet from scratch into checkpoint `out` (resuming from it if asked)."""
+                     test_limit: int | None = None, log=print, rank: int = 0, world_size: int = 1):
+    """Train a CIFAR ResNet from scratch into checkpoint `out` (resuming from it if asked).
+
+    An existing `out` is never overwritten silently: resume it, or pass force=True.
+    A resume must use the same settings: the schedule was laid out for them.
+    """
     from pathlib import Path
 
-    from .checkpoints import Checkpoint, read_payload, save_checkpoint
+    from .checkpoints import Checkpoint, load_state_strict, read_payload, save_checkpoint
     from .data import load_split
-    from .errors import CheckpointError
+    from .errors import CheckpointError, ToolchainError
     from .models import build_model
 
     out = Path(out)
-    train = load_split(data, "train").subset(limit, cfg.seed)
-    test = load_split(data, "test").subset(test_limit, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(arch, len(train.classes))
+    if out.exists() and not resume and not force:
+        raise ToolchainError(f"{out} already exists; pass --resume to continue it or --force to replace it")
+    settings = {"arch": arch, "limit": limit, **asdict(cfg)}
     state = None
     if resume and out.is_file():
         payload = read_payload(out)
         state = payload.get("training_state")
         if state is None:
-            raise CheckpointError(f"{out} holds no training state to resume from")
-        model.load_state_dict(payload["state_dict"])
+            raise CheckpointError(f"{out} holds no training state to resume from (finished or not ours)")
+        changed = [k for k, v in state.get("settings", {}).items() if settings.get(k) != v]
+        if changed:
+            raise ToolchainError(f"cannot resume {out} with other settings ({', '.join(changed)}); "
+                                 "repeat the original command with --resume")
+        command = payload["meta"]["training"]["command"]
+    train = load_split(data, "train").subset(limit, cfg.seed)
+    test = load_split(data, "test").subset(test_limit, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(arch, len(train.classes))
+    if state is not None:
+        load_state_strict(model, payload["state_dict"], out)
         log(f"resuming from {out} after epoch {state['epoch']}")
 
     def save(history, training_state):
@@ -206,7 +216,24 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
                 "test_accuracy": last.test_accuracy}
         ckpt = Checkpoint(model=model, arch=arch, classes=train.classes, meta=meta)
         done = last.epoch >= cfg.epochs
-        save_checkpoint(out, ckpt, None if done else training_state)
+        save_checkpoint(out, ckpt, None if done else {**training_state, "settings": settings})
+        if done:
+            write_training_record(out, meta)
 
-    return fit(model, train, test, cfg, save=save, state=state, log=log, rank=rank,
-               world_size=world_size, wrap=wrap)
+    return fit(model, train, test, cfg, save=save, state=state, log=log, rank=rank, world_size=world_size)
+
+
+def write_training_record(checkpoint, meta: dict) -> dict:
+    """A small JSON beside a trained checkpoint: command, epochs, wall time, test accuracy."""
+    from pathlib import Path
+
+    from .io import write_json
+
+    training = meta["training"]
+    record = {"checkpoint": Path(checkpoint).name, "command": training["command"],
+              "epochs": training["epochs_done"], "train_seconds": training["seconds"],
+              "test_accuracy": meta["test_accuracy"], "config": training["config"],
+              "per_epoch": [{k: r[k] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "seconds")}
+                            for r in training["history"]]}
+    write_json(Path(checkpoint).with_suffix(".json"), record)
+    return record

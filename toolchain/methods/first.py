@@ -8,6 +8,7 @@ a Gather, which ONNX Runtime folds when it loads the file.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,7 +90,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
-    """Cluster the filters of every chosen conv in place; returns the model and a record per layer."""
+    """Cluster the filters of every chosen conv of a copy of `model`; returns it and a record per layer."""
+    model = copy.deepcopy(model)
     convs = clusterable_convs(model, cfg.layers)
     if not convs:
         raise ValueError("no convolution layer to cluster")

@@ -89,8 +89,7 @@ def shrink_block(block: BasicBlock, k: int, cfg: SecondConfig) -> tuple[BasicBlo
     new.bn2.load_state_dict(block.bn2.state_dict())
     new.shortcut = copy.deepcopy(block.shortcut)
     new.train(block.training)
-    return new, {"filters": block.conv1.out_channels, "kept": k, "inertia": result.inertia,
-                 "assignment": result.assignment.tolist()}
+    return new, {"filters": block.conv1.out_channels, "kept": k, "inertia": result.inertia}
 
 
 def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, dict]:
@@ -102,8 +101,14 @@ def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, di
             k = kept_width(block.conv1.out_channels, cfg.ratio, cfg.round_to)
             stage[i], record = shrink_block(block, k, cfg)
             blocks.append(record)
-    return model, {"blocks": [{k: v for k, v in b.items() if k != "assignment"} for b in blocks],
-                   "inner_widths": model.inner_widths(), "_assignments": [b["assignment"] for b in blocks]}
+    return model, {"blocks": blocks, "inner_widths": model.inner_widths()}
+
+
+def _fold_bn_scale(block: BasicBlock) -> torch.Tensor:
+    """Move BN1's scale into conv1's filters; returns the shift that BN1 then adds."""
+    weight, bias = _folded_conv1(block)
+    block.conv1.weight.copy_(weight)
+    return bias
 
 
 def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -134,8 +139,8 @@ def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor
     o_in = _batched(lambda x: _stem(original, x), images, batch_size)
     errors = []
     for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
+        shift = _fold_bn_scale(p_block)  # BN1 is now conv1 output + shift
         z = _batched(p_block.conv1, p_in, batch_size)
-        shift = p_block.bn1.bias - p_block.bn1.running_mean  # what BN1 adds to z, exactly
         stats = z.transpose(0, 1).flatten(1)
         _set_affine(p_block.bn1, shift, stats.mean(1), stats.var(1))  # same function, real statistics
         hidden = F.relu(p_block.bn1(z))

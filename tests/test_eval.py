@@ -1,0 +1,91 @@
+import csv
+import json
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from eval.bench import BenchConfig, bench
+from eval.checks import check_model, parse_size
+from eval.runtime import ModelFileError, load_onnx
+
+ROW_FIELDS = {"model", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "speedup"}
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory, baseline_path):
+    """The real baseline and its method-first export (no fine-tuning), as ONNX files."""
+    from toolchain.pipeline import ExportConfig, run_export
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = []
+    for method in ("none", "first"):
+        out = folder / f"{method}.onnx"
+        run_export(ExportConfig(method=method, checkpoint=str(baseline_path), out=str(out)), log=print)
+        paths.append(out)
+    return paths
+
+
+def test_bench_rows_and_baseline_speedup(onnx_pair):
+    rows = bench(onnx_pair, BenchConfig(batch_sizes=(1, 8), warmup=1, repeats=3))
+    assert len(rows) == 4
+    for row in rows:
+        assert set(row) >= ROW_FIELDS and row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+    assert [r["speedup"] for r in rows if r["model"] == str(onnx_pair[0])] == [1.0, 1.0]
+
+
+def test_eval_onnx_on_real_images_matches_checkpoint(onnx_pair, baseline_path, data_root):
+    onnx_row = json.loads(run_cli("eval", onnx_pair[0], "--data", data_root, "--limit", "500", "--json", "-").stdout)
+    pt_row = json.loads(run_cli("eval", baseline_path, "--data", data_root, "--limit", "500", "--json", "-").stdout)
+    assert onnx_row["accuracy"] == pytest.approx(pt_row["accuracy"], abs=0.002)
+    assert onnx_row["params"] == pt_row["params"] and onnx_row["macs"] == pt_row["macs"]
+
+
+def test_check_pass_and_fail(onnx_pair, tmp_path):
+    size = onnx_pair[1].stat().st_size
+    rows = check_model(onnx_pair[1], max_bytes=size, max_params=10**6, max_latency_ms=1000, repeats=3)
+    assert all(r["ok"] for r in rows)
+    ok = run_cli("check", onnx_pair[1], "--max-bytes", str(size), "--max-params", "1000000")
+    assert ok.returncode == 0, ok.stderr
+    too_big = run_cli("check", onnx_pair[0], "--max-bytes", "300KB")
+    assert too_big.returncode == 1 and "bytes" in too_big.stderr
+    assert parse_size("1.5MB") == 1_500_000 and parse_size("2KiB") == 2048 and parse_size("77") == 77
+
+
+def test_corrupt_truncated_and_foreign_onnx(onnx_pair, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_pair[0].read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        load_onnx(truncated)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 64, 64])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ModelFileError, match=r"expected \[batch, 3, 32, 32\]"):
+        load_onnx(foreign)
+    result = run_cli("check", truncated)
+    assert result.returncode == 2 and "not a valid ONNX model" in result.stderr
+
+
+def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, data_root):
+    args = ["sweep", "--method", "first", "--method", "second", "--ratios", "0.5", "--data", data_root,
+            "--checkpoint", baseline_path, "--finetune-epochs", "1", "--train-limit", "128",
+            "--test-limit", "100", "--repeats", "2", "--out", tmp_path / "report"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    report = tmp_path / "report"
+    for name in ("report.md", "results.json", "results.csv", "accuracy.png", "size.png", "latency.png",
+                 "macs.png", "finetune.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["baseline", "first", "second"]
+    with open(report / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [float(r["accuracy"]) for r in table] == [r["accuracy"] for r in rows]
+    assert all(r["test_images"] == 100 and len(r["finetune_curve"]) == (r["method"] != "baseline") for r in rows)
+    text = (report / "report.md").read_text()
+    assert all(f"{r['model_bytes']:,}" in text for r in rows)
+    again = run_cli(*args)
+    assert again.returncode == 0 and again.stdout.count("already done, skipped") == 3

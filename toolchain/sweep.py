@@ -1,0 +1,133 @@
+"""The export pipeline over several methods and ratios against the baseline, resumable.
+
+Each finished model adds a row to `results.json` at once, so an interrupted sweep starts
+again where it stopped. Latency is measured at the end for all models in one interleaved
+run against the baseline; eval/report.py then writes the tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import ToolchainError
+from .io import write_json
+from .pipeline import ExportConfig, run_export
+
+
+@dataclass
+class SweepConfig:
+    methods: tuple[str, ...] = ("first",)
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    out: str = "artifacts/report"
+    export: ExportConfig = None  # everything else: checkpoint, data, fine-tuning, limits
+    batch_sizes: tuple[int, ...] = (1, 256)
+    repeats: int = 20
+
+    def __post_init__(self):
+        if self.export is None:
+            self.export = ExportConfig()
+
+
+def _key(row: dict) -> str:
+    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}"
+
+
+def _identity(cfg: ExportConfig) -> dict:
+    """What a row is: method (baseline for none), ratio, centroid bits (method first only)."""
+    if cfg.method == "none":
+        return {"method": "baseline", "ratio": 0.0, "centroid_bits": None}
+    return {"method": cfg.method, "ratio": cfg.ratio,
+            "centroid_bits": cfg.centroid_bits if cfg.method == "first" else None}
+
+
+def _load_rows(path: Path, config: dict) -> list[dict]:
+    """Rows of an earlier run of the same sweep configuration; another configuration is an error."""
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return []  # a damaged results file is rebuilt
+    previous = {k: v for k, v in earlier.get("config", {}).get("export", {}).items()}
+    if previous and previous != config["export"]:
+        changed = sorted(k for k in set(previous) | set(config["export"])
+                         if previous.get(k) != config["export"].get(k))
+        raise ToolchainError(f"{path} holds results made with other settings ({', '.join(changed)}); "
+                             "use another --out or remove that folder")
+    return earlier.get("rows", [])
+
+
+def _row(result, cfg: ExportConfig, onnx_eval: dict) -> dict:
+    m = result.manifest
+    acc = m.get("accuracy") or {}
+    return {**_identity(cfg),
+            "file": str(result.path), "params": m["params"], "macs": m["macs"],
+            "model_bytes": m["model_bytes"], "gzip_bytes": m["gzip_bytes"],
+            "inner_widths": m.get("inner_widths"), "finetune_epochs": m["finetune_epochs"],
+            **{f"accuracy_{stage}": value for stage, value in acc.items()},
+            "accuracy": onnx_eval["accuracy"], "test_images": onnx_eval["images"],
+            "finetune_curve": [r["test_accuracy"] for r in m.get("finetune_history", [])],
+            "ideal_speedup": _ideal_speedup(m)}
+
+
+def _ideal_speedup(manifest: dict) -> float | None:
+    """Baseline multiply-adds over the model's, with block widths padded to the CPU's channel
+    block (a width of 8 costs what 16 costs with AVX-512): the speed-up to approach."""
+    widths = manifest.get("inner_widths")
+    if not widths:
+        return None
+    from .methods.second import cpu_channel_block
+    from .models import build_model, count_macs
+    block = cpu_channel_block()
+    padded = [min(full, -(-w // block) * block) for w, full in zip(widths, build_model(manifest["arch"]).inner_widths())]
+    return manifest["baseline"]["macs"] / count_macs(build_model(manifest["arch"], inner_widths=padded))
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict:
+    """Export and evaluate every (method, ratio), then benchmark and write the report."""
+    from eval.accuracy import evaluate_onnx
+    from eval.bench import BenchConfig, bench
+    from eval.report import write_report
+
+    from .pipeline import load_data
+
+    out = Path(cfg.out)
+    results_path = out / "results.json"
+    rows = _load_rows(results_path, _config_record(cfg))
+    done = {_key(r) for r in rows if Path(r["file"]).is_file()}
+    rows = [r for r in rows if _key(r) in done]
+    data = load_data(cfg.export.data, cfg.export.train_limit, cfg.export.test_limit, cfg.export.seed)
+    if data is None:
+        raise ToolchainError("a sweep measures accuracy: give --data or set CIFAR10_ROOT")
+    plan = [replace(cfg.export, method="none", finetune_epochs=0)] + [
+        replace(cfg.export, method=m, ratio=r) for m in cfg.methods for r in cfg.ratios]
+    for export_cfg in plan:
+        export_cfg = replace(export_cfg, out=str(out / "models" / f"{export_cfg.tag()}.onnx"))
+        probe = _identity(export_cfg)
+        if _key(probe) in done:
+            log(f"{_key(probe)}: already done, skipped")
+            continue
+        log(f"== {probe['method']} ratio {probe['ratio']}")
+        result = run_export(export_cfg, log=log)
+        rows.append(_row(result, export_cfg, evaluate_onnx(result.path, data.test)))
+        write_json(results_path, {"config": _config_record(cfg), "rows": rows})
+    rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], r["ratio"]))
+    log("benchmarking all models, interleaved with the baseline")
+    latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
+    for r in rows:
+        for b in latency:
+            if b["model"] == r["file"]:
+                r[f"p50_ms_b{b['batch_size']}"] = b["p50_ms"]
+                r[f"speedup_b{b['batch_size']}"] = b["speedup"]
+    results = {"config": _config_record(cfg), "rows": rows}
+    write_json(results_path, results)
+    write_report(out, results)
+    return results
+
+
+def _config_record(cfg: SweepConfig) -> dict:
+    record = asdict(cfg)
+    record["export"] = {k: v for k, v in record["export"].items() if k not in ("out", "method", "ratio")}
+    return record
