@@ -14,7 +14,8 @@ from toolchain.data import Split, batches
 from toolchain.errors import ToolchainError
 
 from .graph_stats import onnx_macs, onnx_params
-from .runtime import create_session, load_onnx, normalization
+from .memory import session_memory
+from .runtime import PROVIDERS, create_session, load_onnx, normalization
 
 
 def evaluate_onnx(path: str | os.PathLike, split: Split, provider: str = "cpu",
@@ -35,7 +36,8 @@ def evaluate_onnx(path: str | os.PathLike, split: Split, provider: str = "cpu",
     return {"model": str(path), "provider": provider, "accuracy": correct / len(split),
             "images": len(split), **file_sizes(path),
             "params": manifest["params"] if "params" in manifest else onnx_params(proto),
-            "macs": manifest["macs"] if "macs" in manifest else onnx_macs(proto), "seconds": round(seconds, 3)}
+            "macs": manifest["macs"] if "macs" in manifest else onnx_macs(proto), "seconds": round(seconds, 3),
+            "session_rss_bytes": session_memory(path, batch_size, PROVIDERS[provider])}
 
 
 def check_classes(model_classes, split: Split, path) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime import create_session, load_onnx
+from .memory import session_memory
+from .runtime import PROVIDERS, create_session, load_onnx
 
 
 @dataclass
@@ -73,5 +74,6 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig, progress=None) -> l
             rows.append({"model": str(path), "provider": cfg.provider, "batch_size": batch_size,
                          "p50_ms": round(p50, 4), "p90_ms": round(p90, 4), "p99_ms": round(p99, 4),
                          "images_per_s": round(batch_size / (p50 / 1000.0), 1),
-                         "speedup": round(base_p50 / p50, 4)})
+                         "speedup": round(base_p50 / p50, 4),
+                         "session_rss_bytes": session_memory(path, batch_size, PROVIDERS[cfg.provider])})
     return rows

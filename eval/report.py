@@ -11,7 +11,7 @@ from toolchain.io import atomic_path
 COLUMNS = ["method", "ratio", "centroid_bits", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
-           "ideal_speedup", "test_images", "file"]
+           "ideal_speedup", "session_rss_bytes_b1", "test_images", "file"]
 STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_reconstructed", "reconstructed", "-."),
           ("accuracy_recalibrated", "BN recalibrated", "--"), ("accuracy", "final (ONNX Runtime)", "-")]
 
@@ -136,6 +136,10 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     return figures
 
 
+def _mb(v):
+    return "" if v is None else f"{v / 1e6:.1f}"
+
+
 def _pct(v):
     return "" if v is None else f"{100 * v:.2f}"
 
@@ -150,8 +154,8 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              f"{' with distillation from the original' if export['distill'] else ''}. Latency: ONNX Runtime CPU, "
              "median of interleaved repeats, speed-up against the baseline in the same run.", "",
              "| method | ratio | widths | params | MACs (M) | bytes | x base | clustered | recon. | recal. | final | "
-             "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r.get("inner_widths") if r["method"] == "second" else None
         widths = "/".join(str(w[i * len(w) // 3]) for i in range(3)) if w else ""  # first block per stage
@@ -162,7 +166,7 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
             f"{_pct(r.get('accuracy_clustered'))} | {_pct(r.get('accuracy_reconstructed'))} | "
             f"{_pct(r.get('accuracy_recalibrated'))} | {_pct(r['accuracy'])} | "
             f"{r.get('p50_ms_b1', float('nan')):.3f} | {r.get('p50_ms_b256', float('nan')):.2f} | "
-            f"{r.get('speedup_b256', float('nan')):.2f} | {ideal} |")
+            f"{r.get('speedup_b256', float('nan')):.2f} | {ideal} | {_mb(r.get('session_rss_bytes_b1'))} |")
     lines += ["", "Accuracies in %; *final* is the exported ONNX file under ONNX Runtime, after fine-tuning. "
               "Method first saves bytes on disk, not RAM: ONNX Runtime materialises the full conv weights "
               "when it folds the Gather at load. Method second saves both.", ""]

@@ -32,6 +32,7 @@ def test_bench_rows_and_baseline_speedup(onnx_pair):
     assert len(rows) == 4
     for row in rows:
         assert set(row) >= ROW_FIELDS and row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+        assert row["session_rss_bytes"] > 1_000_000  # a real session holds megabytes
     assert [r["speedup"] for r in rows if r["model"] == str(onnx_pair[0])] == [1.0, 1.0]
 
 

@@ -121,6 +121,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             if b["model"] == r["file"]:
                 r[f"p50_ms_b{b['batch_size']}"] = b["p50_ms"]
                 r[f"speedup_b{b['batch_size']}"] = b["speedup"]
+                r[f"session_rss_bytes_b{b['batch_size']}"] = b["session_rss_bytes"]
     results = {"config": _config_record(cfg), "rows": rows}
     write_json(results_path, results)
     write_report(out, results)
