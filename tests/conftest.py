@@ -59,6 +59,20 @@ def baseline(baseline_path):
     return load_checkpoint(baseline_path)
 
 
+def random_resnet20(seed: int = 0):
+    """A ResNet20 with random weights and non-trivial BatchNorm statistics and affines."""
+    from toolchain.models import build_model
+    torch.manual_seed(seed)
+    model = build_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
 def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real `toolchain` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import random_resnet20
 from export.manifest import read_metadata
 from export.onnx_export import ExportCheckError, export_onnx
 from toolchain.checkpoints import Checkpoint, save_checkpoint
@@ -15,14 +16,8 @@ from toolchain.pipeline import ExportConfig, run_export
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
-    """A ResNet20 with random weights and non-trivial BN statistics, saved in our format."""
-    torch.manual_seed(0)
-    model = build_model("resnet20")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    """A random ResNet20 saved in our format."""
+    model = random_resnet20()
     path = tmp_path_factory.mktemp("ck") / "random.pt"
     save_checkpoint(path, Checkpoint(model, "resnet20"))
     return path

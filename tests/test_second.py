@@ -6,32 +6,22 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import random_resnet20
 from toolchain.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from toolchain.data import to_tensor
 from toolchain.methods.second import SecondConfig, apply_second, block_errors, kept_width, reconstruct
-from toolchain.models import build_model, count_macs
+from toolchain.models import count_macs
 from toolchain.pipeline import ExportConfig, run_export
 from toolchain.training import evaluate
 
 
-def _random_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_model("resnet20")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.bias.data.normal_(0, 0.1)
-    return model.eval()
-
-
 def test_pruned_shapes_and_macs():
-    pruned, info = apply_second(_random_model(), SecondConfig(ratio=0.5))
+    pruned, info = apply_second(random_resnet20(), SecondConfig(ratio=0.5))
     assert info["inner_widths"] == [8] * 3 + [16] * 3 + [32] * 3
     for block, width in zip(pruned.blocks(), info["inner_widths"]):
         assert block.conv1.weight.shape[0] == width and block.conv2.weight.shape[1] == width
         assert block.bn1.num_features == width and block.conv2.out_channels in (16, 32, 64)
-    assert count_macs(pruned) <= 0.52 * count_macs(_random_model())
+    assert count_macs(pruned) <= 0.52 * count_macs(random_resnet20())
 
 
 @pytest.mark.parametrize("ratio, round_to, width16", [(0.5, 1, 8), (0.5, 16, 16), (0.8, 8, 8), (0.9, 1, 2)])
@@ -40,7 +30,7 @@ def test_round_to(ratio, round_to, width16):
 
 
 def test_duplicate_filters_merge_exactly():
-    model = _random_model()
+    model = random_resnet20()
     with torch.no_grad():
         for block in model.blocks():  # every filter of conv1 (and its BN) appears twice
             half = block.conv1.out_channels // 2
@@ -53,7 +43,7 @@ def test_duplicate_filters_merge_exactly():
 
 
 def test_pruned_checkpoint_round_trip(tmp_path):
-    pruned, _ = apply_second(_random_model(), SecondConfig(ratio=0.75))
+    pruned, _ = apply_second(random_resnet20(), SecondConfig(ratio=0.75))
     path = tmp_path / "pruned.pt"
     save_checkpoint(path, Checkpoint(pruned, "resnet20"))
     loaded = load_checkpoint(path)
@@ -71,7 +61,7 @@ def test_bad_ratio():
 def test_exported_graph_is_smaller_and_matches(tmp_path, monkeypatch):
     monkeypatch.delenv("CIFAR10_ROOT", raising=False)
     source = tmp_path / "src.pt"
-    save_checkpoint(source, Checkpoint(_random_model(), "resnet20"))
+    save_checkpoint(source, Checkpoint(random_resnet20(), "resnet20"))
     out = tmp_path / "second.onnx"
     result = run_export(ExportConfig(method="second", ratio=0.5, round_to=1, checkpoint=str(source),
                                      out=str(out)), log=print)
