@@ -39,7 +39,7 @@ def test_bench_rows_and_baseline_speedup(onnx_pair):
 def test_eval_onnx_on_real_images_matches_checkpoint(onnx_pair, baseline_path, data_root):
     onnx_row = json.loads(run_cli("eval", onnx_pair[0], "--data", data_root, "--limit", "500", "--json", "-").stdout)
     pt_row = json.loads(run_cli("eval", baseline_path, "--data", data_root, "--limit", "500", "--json", "-").stdout)
-    assert onnx_row["accuracy"] == pytest.approx(pt_row["accuracy"], abs=0.002)
+    assert onnx_row["accuracy"] == pytest.approx(pt_row["accuracy"], abs=0.004)  # 2 of 500 images
     assert onnx_row["params"] == pt_row["params"] and onnx_row["macs"] == pt_row["macs"]
 
 
