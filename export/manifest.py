@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 from importlib import metadata
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from toolchain.io import write_json
+from toolchain.io import sha256_of, write_json  # noqa: F401 (sha256_of is part of this API)
 
 MANIFEST_KEY = "toolchain.manifest"
 
@@ -24,14 +23,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return found
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_sizes(path: str | os.PathLike) -> dict:

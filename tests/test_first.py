@@ -61,6 +61,23 @@ def test_apply_first_shares_filters_and_counts(model):
     assert clustered(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@torch.no_grad()
+def test_scaled_features_fold_filter_scales_into_batchnorm(model):
+    """Filters that are positive multiples of k directions cluster exactly once their scales move into BN."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            directions = torch.randn(m.out_channels // 2, *m.weight.shape[1:])
+            scales = torch.rand(m.out_channels).add(0.5).view(-1, 1, 1, 1)
+            m.weight.copy_(directions.repeat_interleave(2, 0) * scales)
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    scaled, _ = apply_first(model, FirstConfig(ratio=0.5, features="scaled"))
+    raw, _ = apply_first(model, FirstConfig(ratio=0.5, features="raw"))
+    assert torch.allclose(scaled(x), expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
+    assert not torch.allclose(raw(x), expected, rtol=1e-2, atol=1e-2 * expected.abs().max())
+
+
 def test_global_allocation_keeps_the_parameter_budget(model):
     uniform, _ = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="uniform", n_init=1))
     spread, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="global", n_init=1))

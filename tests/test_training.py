@@ -57,3 +57,14 @@ def test_interrupted_training_resumes(tmp_path, data_root):
     assert "training_state" not in payload  # finished: nothing left to resume
     history = payload["meta"]["training"]["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_warm_start_from_a_checkpoint_records_its_source(tmp_path, data_root, baseline_path):
+    from toolchain.io import sha256_of
+    from toolchain.training import train_checkpoint
+    out = tmp_path / "warm.pt"
+    history = train_checkpoint("resnet20", data_root, out, TrainConfig(epochs=1, lr=1e-4, batch_size=64),
+                               init=baseline_path, limit=512, test_limit=500, log=lambda _: None)
+    assert history[-1].test_accuracy > 0.8  # started from the trained weights, not from scratch
+    init = read_payload(out)["meta"]["training"]["init"]
+    assert init["sha256"] == sha256_of(baseline_path) and init["training"]["command"].startswith("toolchain train")

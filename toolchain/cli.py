@@ -35,6 +35,17 @@ class Ratio(click.ParamType):
         return r
 
 
+def first_options(command):
+    """Method first's clustering options, shared by export and sweep (toolchain.methods.first.FirstConfig)."""
+    command = click.option(
+        "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+        help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)
+    return click.option(
+        "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="bn-weighted", show_default=True,
+        help="Method first: raw filters; bn-weighted: error weighted by the BatchNorm scale; scaled: cluster "
+             "filter directions and fold each filter's scale into its BatchNorm.")(command)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -56,6 +67,7 @@ def cli(ctx, debug):
               help="Checkpoint written after every epoch; default: artifacts/<arch>_cifar10.pt.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
 @click.option("--force", is_flag=True, help="Replace an existing --out instead of refusing.")
+@click.option("--init", type=click.Path(dir_okay=False), help="Start from this checkpoint's weights (new schedule).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Peak learning rate.")
@@ -65,7 +77,7 @@ def cli(ctx, debug):
 @click.option("--limit", type=click.IntRange(1), help="Train on a seeded random subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Report test accuracy on a subset of N test images.")
 @click.option("--download", is_flag=True, help="Fetch the original CIFAR-10 with torchvision first.")
-def train(arch, data, epochs, out, resume, force, seed, lr, batch_size, schedule, weight_decay, limit, test_limit,
+def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, schedule, weight_decay, limit, test_limit,
           download):
     """Train a CIFAR ResNet from scratch (SGD, Nesterov, crop+flip), a checkpoint per epoch."""
     from .data import load_split
@@ -82,7 +94,7 @@ def train(arch, data, epochs, out, resume, force, seed, lr, batch_size, schedule
                       schedule=schedule, seed=seed)
     command = "toolchain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        history = train_checkpoint(arch, data, out, cfg, resume=resume, force=force, command=command,
+        history = train_checkpoint(arch, data, out, cfg, resume=resume, force=force, init=init, command=command,
                                    limit=limit, test_limit=test_limit, log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: the last finished epoch is saved in {out}; "
@@ -105,10 +117,7 @@ def train(arch, data, epochs, out, resume, force, seed, lr, batch_size, schedule
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
 @click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: store centroids as int8.")
-@click.option("--features", type=click.Choice(["bn-weighted", "raw"]), default="bn-weighted", show_default=True,
-              help="Method first: weight each filter's clustering error by its BatchNorm scale, or not.")
-@click.option("--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-              help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")
+@first_options
 @click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
@@ -172,10 +181,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: int8 centroids.")
 @click.option("--round-to", type=click.IntRange(1), help="Method second: channel multiple of kept widths.")
-@click.option("--features", type=click.Choice(["bn-weighted", "raw"]), default="bn-weighted", show_default=True,
-              help="Method first: clustering error weighted by BatchNorm scale, or plain.")
-@click.option("--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-              help="Method first: same ratio per layer, or per-layer k from one parameter budget.")
+@first_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")

@@ -118,6 +118,8 @@ def run_export(cfg: ExportConfig, log=print):
 
     t0 = time.perf_counter()
     source = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
+    if cfg.out:  # a bad output path is reported before any slow work
+        check_output_path(cfg.out)
     ckpt = load_checkpoint(source, cfg.arch)
     data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
     out = check_output_path(cfg.out or cfg.default_out(ckpt.arch))

@@ -171,10 +171,11 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
 
 
 def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = False, force: bool = False,
-                     command: str | None = None, limit: int | None = None,
+                     init=None, command: str | None = None, limit: int | None = None,
                      test_limit: int | None = None, log=print, rank: int = 0, world_size: int = 1):
     """Train a CIFAR ResNet from scratch into checkpoint `out` (resuming from it if asked).
 
+    `init` is a checkpoint whose weights the run starts from (a warm start with a new schedule).
     An existing `out` is never overwritten silently: resume it, or pass force=True.
     A resume must use the same settings: the schedule was laid out for them.
     """
@@ -188,7 +189,7 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
     out = Path(out)
     if out.exists() and not resume and not force:
         raise ToolchainError(f"{out} already exists; pass --resume to continue it or --force to replace it")
-    settings = {"arch": arch, "limit": limit, **asdict(cfg)}
+    settings = {"arch": arch, "limit": limit, "init": str(init) if init else None, **asdict(cfg)}
     state = None
     if resume and out.is_file():
         payload = read_payload(out)
@@ -207,10 +208,16 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
     if state is not None:
         load_state_strict(model, payload["state_dict"], out)
         log(f"resuming from {out} after epoch {state['epoch']}")
+    elif init is not None:
+        from .checkpoints import load_checkpoint
+        start = load_checkpoint(init, arch)
+        model.load_state_dict(start.model.state_dict())
+        log(f"starting from the weights of {init}")
 
     def save(history, training_state):
         last = history[-1]
         meta = {"training": {"command": command, "config": asdict(cfg), "epochs_done": last.epoch,
+                             "init": _init_record(init),
                              "seconds": round(sum(r.seconds for r in history), 1),
                              "history": [asdict(r) for r in history]},
                 "test_accuracy": last.test_accuracy}
@@ -223,6 +230,17 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
     return fit(model, train, test, cfg, save=save, state=state, log=log, rank=rank, world_size=world_size)
 
 
+def _init_record(init) -> dict | None:
+    """Where a warm-started run came from: the file's hash and its own training record."""
+    if init is None:
+        return None
+    from .checkpoints import read_payload
+    from .io import sha256_of
+    return {"path": str(init), "sha256": sha256_of(init),
+            "training": {k: v for k, v in read_payload(init).get("meta", {}).get("training", {}).items()
+                         if k != "history"}}
+
+
 def write_training_record(checkpoint, meta: dict) -> dict:
     """A small JSON beside a trained checkpoint: command, epochs, wall time, test accuracy."""
     from pathlib import Path
@@ -233,6 +251,7 @@ def write_training_record(checkpoint, meta: dict) -> dict:
     record = {"checkpoint": Path(checkpoint).name, "command": training["command"],
               "epochs": training["epochs_done"], "train_seconds": training["seconds"],
               "test_accuracy": meta["test_accuracy"], "config": training["config"],
+              "init": training.get("init"),
               "per_epoch": [{k: r[k] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "seconds")}
                             for r in training["history"]]}
     write_json(Path(checkpoint).with_suffix(".json"), record)

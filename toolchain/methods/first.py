@@ -18,7 +18,7 @@ from torch import nn
 
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 
-FEATURES = ("raw", "bn-weighted")
+FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
 
 
@@ -27,7 +27,9 @@ class FirstConfig:
     ratio: float = 0.5
     seed: int = 0
     n_init: int = 4
-    features: str = "bn-weighted"  # weight each filter's error by its BN scale squared
+    # raw: plain K-Means on filters; bn-weighted: each filter's error weighted by its BN scale
+    # squared; scaled: cluster filter directions and fold each filter's own scale into its BN.
+    features: str = "bn-weighted"
     allocation: str = "uniform"  # or "global": per-layer k from one parameter budget
     layers: tuple[str, ...] | None = None  # conv names to cluster; None: all
 
@@ -76,11 +78,33 @@ def clusterable_convs(model: nn.Module, layers=None) -> list[tuple[str, nn.Conv2
     return found
 
 
-def _filter_weights(bn: nn.BatchNorm2d | None, n: int, features: str) -> np.ndarray:
+def _bn_scale(bn: nn.BatchNorm2d) -> np.ndarray:
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy().astype(np.float64)
+
+
+def _clustering_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
+    """(vectors, weights) K-Means runs on: the error each filter's approximation adds at the BN output."""
+    vectors = conv.weight.detach().flatten(1).numpy()
     if features == "raw" or bn is None:
-        return np.ones(n)
-    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy().astype(np.float64)
-    return scale ** 2 + 1e-12
+        return vectors, np.ones(len(vectors))
+    if features == "bn-weighted":
+        return vectors, _bn_scale(bn) ** 2 + 1e-12
+    # scaled: filter i becomes s_i * centroid, and s_i moves into the BN after the conv
+    # (a per-channel affine the file keeps anyway), so only directions need to cluster.
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+    return vectors / norms, (_bn_scale(bn) * norms[:, 0]) ** 2 + 1e-12
+
+
+@torch.no_grad()
+def _fold_filter_scales(conv: nn.Conv2d, bn: nn.BatchNorm2d, centroids: np.ndarray, assignment: np.ndarray):
+    """Least-squares scale s_i of each filter on its centroid, moved into BN: BN(s*z) == BN'(z)."""
+    vectors = conv.weight.detach().flatten(1).numpy().astype(np.float64)
+    c = centroids[assignment].astype(np.float64)
+    s = (vectors * c).sum(1) / (c * c).sum(1).clip(1e-12)
+    s = np.where(np.abs(s) < 1e-6, 1e-6, s)  # a dead filter keeps a tiny, invertible scale
+    s = torch.from_numpy(s).to(bn.weight.dtype)
+    bn.weight.mul_(s)
+    bn.running_mean.div_(s)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -95,17 +119,18 @@ def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
     convs = clusterable_convs(model, cfg.layers)
     if not convs:
         raise ValueError("no convolution layer to cluster")
-    vectors = [conv.weight.detach().flatten(1).numpy() for _, conv, _ in convs]
-    weights = [_filter_weights(bn, conv.out_channels, cfg.features) for _, conv, bn in convs]
+    inputs = [_clustering_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
     ks = [clusters_for(conv.out_channels, cfg.ratio) for _, conv, _ in convs]
     if cfg.allocation == "global":
-        costs = [v.shape[1] for v in vectors]
+        costs = [conv.weight[0].numel() for _, conv, _ in convs]
         budget = sum(k * c for k, c in zip(ks, costs))
-        curves = [error_curve(v, w, cfg.seed) for v, w in zip(vectors, weights)]
+        curves = [error_curve(v, w, cfg.seed) for v, w in inputs]
         ks = allocate_budget(curves, costs, budget)
     layers = []
-    for (name, conv, _), v, w, k in zip(convs, vectors, weights, ks):
+    for (name, conv, bn), (v, w), k in zip(convs, inputs, ks):
         result = kmeans(v, k, cfg.seed, cfg.n_init, w)
+        if cfg.features == "scaled" and bn is not None:
+            _fold_filter_scales(conv, bn, result.centroids, result.assignment)
         centroids = torch.from_numpy(result.centroids).view(-1, *conv.weight.shape[1:])
         _set_module(model, name, SharedConv2d(conv, centroids, torch.from_numpy(result.assignment)))
         layers.append({"layer": name, "filters": conv.out_channels, "k": len(result.centroids),
