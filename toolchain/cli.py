@@ -41,7 +41,7 @@ def first_options(command):
         "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
         help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)
     return click.option(
-        "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="bn-weighted", show_default=True,
+        "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="scaled", show_default=True,
         help="Method first: raw filters; bn-weighted: error weighted by the BatchNorm scale; scaled: cluster "
              "filter directions and fold each filter's scale into its BatchNorm.")(command)
 

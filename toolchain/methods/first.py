@@ -29,7 +29,7 @@ class FirstConfig:
     n_init: int = 4
     # raw: plain K-Means on filters; bn-weighted: each filter's error weighted by its BN scale
     # squared; scaled: cluster filter directions and fold each filter's own scale into its BN.
-    features: str = "bn-weighted"
+    features: str = "scaled"  # best measured (README: method first, feature spaces)
     allocation: str = "uniform"  # or "global": per-layer k from one parameter budget
     layers: tuple[str, ...] | None = None  # conv names to cluster; None: all
 
