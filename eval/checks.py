@@ -10,6 +10,7 @@ from export.manifest import file_sizes, read_metadata
 from .bench import BenchConfig, bench
 from .graph_stats import onnx_params
 from .runtime import create_session, load_onnx
+from toolchain.errors import ConfigError
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
           "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
@@ -19,7 +20,7 @@ def parse_size(text: str) -> int:
     """'300KB', '1.5MB', '2MiB' or plain bytes -> bytes (KB = 1000 bytes, KiB = 1024)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; use e.g. 300KB, 1.5MB or a number of bytes")
+        raise ConfigError(f"{text!r} is not a size; use e.g. 300KB, 1.5MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

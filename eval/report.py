@@ -10,6 +10,7 @@ from toolchain.io import atomic_path
 
 COLUMNS = ["method", "ratio", "centroid_bits", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
+           "accuracy_quantized",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
            "ideal_speedup", "session_rss_bytes_b1", "test_images", "file"]
 STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_reconstructed", "reconstructed", "-."),

@@ -44,6 +44,21 @@ def test_pickled_layout(tmp_path):
     assert len(train.classes) == 10
 
 
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_batch_with_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = _write_pickled(tmp_path / "data")
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": _Payload(), "labels": []}))
+    with pytest.raises(DataError, match="refusing to load"):
+        load_split(folder, "test")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_tiny_image_folder_and_cache_invalidation(tmp_path):
     _write_image_folder(tmp_path)
     first = load_split(tmp_path, "test")

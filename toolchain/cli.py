@@ -305,7 +305,7 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
-    except (ToolchainError, ValueError) as exc:
+    except ToolchainError as exc:
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)

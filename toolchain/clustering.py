@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from .errors import ConfigError
 
 
 def clusters_for(filters: int, ratio: float) -> int:
     """k = max(1, round(filters x (1 - ratio))): the original work's ratio is the share removed."""
     if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+        raise ConfigError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
     return max(1, min(filters, round(filters * (1 - ratio))))
 
 
@@ -34,7 +35,7 @@ def kmeans(vectors: np.ndarray, k: int, seed: int = 0, n_init: int = 4,
     """Seeded K-Means (k-means++ init, best of n_init runs), deterministic for a seed."""
     n = len(vectors)
     if not 1 <= k <= n:
-        raise ValueError(f"cannot make {k} clusters of {n} filters")
+        raise ConfigError(f"cannot make {k} clusters of {n} filters")
     weights = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     if k == n:
         labels = np.arange(n)

@@ -137,13 +137,25 @@ def _cached(root: Path, split: str, files: list[Path], decode) -> Split:
     return result
 
 
+class _SafeUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles by format: allow numpy arrays and plain containers, nothing
+    that could run code (a tampered batch file is refused, never executed)."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
 def _read_pickled(files: list[Path]) -> Split:
     images, labels = [], []
     for f in files:
         try:
             with open(f, "rb") as fh:
-                # The CIFAR batches are pickles by format; they are the user's own data files.
-                batch = pickle.load(fh, encoding="latin1")
+                batch = _SafeUnpickler(fh, encoding="latin1").load()
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
         except Exception as exc:

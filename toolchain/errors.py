@@ -11,3 +11,7 @@ class DataError(ToolchainError):
 
 class CheckpointError(ToolchainError):
     """A checkpoint cannot be read or does not fit the architecture."""
+
+
+class ConfigError(ToolchainError, ValueError):
+    """A setting out of range (a ratio, an architecture, a size): a ValueError to library callers."""

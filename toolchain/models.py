@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .errors import ConfigError
 
 DEPTHS = (20, 32, 44, 56, 110)
 STAGE_WIDTHS = (16, 32, 64)
@@ -18,7 +19,7 @@ STAGE_WIDTHS = (16, 32, 64)
 
 def blocks_per_stage(depth: int) -> int:
     if depth not in DEPTHS:
-        raise ValueError(f"unsupported depth {depth}; choose one of {', '.join(map(str, DEPTHS))}")
+        raise ConfigError(f"unsupported depth {depth}; choose one of {', '.join(map(str, DEPTHS))}")
     return (depth - 2) // 6
 
 
@@ -27,7 +28,7 @@ def parse_arch(arch: str) -> int:
     name = arch.lower().strip()
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in DEPTHS:
         return int(name[6:])
-    raise ValueError(f"unknown architecture {arch!r}; choose one of "
+    raise ConfigError(f"unknown architecture {arch!r}; choose one of "
                      + ", ".join(f"resnet{d}" for d in DEPTHS))
 
 
@@ -93,7 +94,7 @@ class CifarResNet(nn.Module):
         if inner_widths is None:
             inner_widths = [w for w in STAGE_WIDTHS for _ in range(n)]
         if len(inner_widths) != 3 * n:
-            raise ValueError(f"resnet{depth} has {3 * n} blocks, got {len(inner_widths)} inner widths")
+            raise ConfigError(f"resnet{depth} has {3 * n} blocks, got {len(inner_widths)} inner widths")
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         widths = iter(inner_widths)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import CIFAR10_MEAN, CIFAR10_STD, Split, batches
+from .errors import ConfigError
 
 
 @dataclass
@@ -34,9 +35,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine"):
-            raise ValueError(f"schedule must be onecycle or cosine, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be onecycle or cosine, got {self.schedule!r}")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("epochs must be >= 0, batch size >= 1 and lr > 0")
+            raise ConfigError("epochs must be >= 0, batch size >= 1 and lr > 0")
 
 
 @dataclass

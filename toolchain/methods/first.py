@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
+from ..errors import ConfigError
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -36,9 +37,9 @@ class FirstConfig:
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
         if self.features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+            raise ConfigError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
 
 
 class SharedConv2d(nn.Module):
@@ -151,7 +152,7 @@ def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
     (unlike DequantizeLinear, which it keeps for its quantized kernels).
     """
     if bits != 8:
-        raise ValueError(f"only 8-bit centroids are supported, got {bits}")
+        raise ConfigError(f"only 8-bit centroids are supported, got {bits}")
     for m in shared_convs(model):
         if m.scale is not None:
             continue

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..clustering import clusters_for, kmeans
 from ..models import BasicBlock, CifarResNet
+from ..errors import ConfigError
 
 
 @dataclass
@@ -35,7 +36,7 @@ class SecondConfig:
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
         if self.round_to < 1:
-            raise ValueError(f"round_to must be 1 or more, got {self.round_to}")
+            raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
 
 
 def cpu_channel_block() -> int:
