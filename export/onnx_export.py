@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from toolchain.errors import ToolchainError
-from toolchain.io import atomic_path
+from toolchain.io import atomic_path, check_writable
 
 from .manifest import set_metadata, write_manifest
 
@@ -96,6 +96,7 @@ def check_output_path(out: str | os.PathLike) -> Path:
         raise ToolchainError(f"output {out} must end in .onnx")
     if out.is_dir():
         raise ToolchainError(f"output {out} is a folder; give a file name ending in .onnx")
+    check_writable(out)
     return out
 
 

@@ -79,3 +79,19 @@ def test_real_export_of_the_baseline_keeps_accuracy(tmp_path, baseline_path, dat
     from toolchain.training import evaluate
     assert row["accuracy"] == pytest.approx(evaluate(load_checkpoint(baseline_path).model, split), abs=0.002)
     assert row["accuracy"] > 0.85
+
+
+@pytest.mark.parametrize("method", ["first", "second"])
+def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
+    """Same settings and seed, fine-tuning included: a byte-identical ONNX file and the same manifest."""
+    results = []
+    for run in ("a", "b"):
+        out = tmp_path / run / f"{method}.onnx"
+        cfg = ExportConfig(method=method, ratio=0.5, checkpoint=str(baseline_path), data=str(data_root),
+                           finetune_epochs=1, train_limit=256, test_limit=200, calibration_images=256,
+                           out=str(out))
+        results.append(run_export(cfg, log=lambda _: None))
+    a, b = results
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.manifest == b.manifest
+    assert set(a.manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "cifar-filter-toolchain"}

@@ -68,3 +68,25 @@ def test_warm_start_from_a_checkpoint_records_its_source(tmp_path, data_root, ba
     assert history[-1].test_accuracy > 0.8  # started from the trained weights, not from scratch
     init = read_payload(out)["meta"]["training"]["init"]
     assert init["sha256"] == sha256_of(baseline_path) and init["training"]["command"].startswith("toolchain train")
+
+
+def test_torchrun_two_processes_match_one(tmp_path, data_root):
+    """DDP on CPU (gloo): 2 processes x batch 64 take the steps 1 process takes with batch 128."""
+    common = ["train", "--data", str(data_root), "--limit", "2048", "--test-limit", "1000", "--epochs", "3",
+              "--lr", "0.05"]
+    single = subprocess.run([sys.executable, "-m", "toolchain", *common, "--batch-size", "128",
+                             "--out", str(tmp_path / "one.pt")], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "two" / "ck.pt"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "toolchain"]
+    double = subprocess.run([*launch, *common, "--batch-size", "64", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr
+    assert double.stdout.count("done: test accuracy") == 1  # rank 0 alone reports and writes
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ck.json", "ck.pt"]
+    one = read_payload(tmp_path / "one.pt")["meta"]["test_accuracy"]
+    two = read_payload(out)["meta"]["test_accuracy"]
+    assert one > 0.2 and two > 0.2  # both learned (chance is 0.10)
+    assert abs(one - two) < 0.08, (one, two)

@@ -82,6 +82,7 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
     """Train a CIFAR ResNet from scratch (SGD, Nesterov, crop+flip), a checkpoint per epoch."""
     from .data import load_split
     from .models import parse_arch
+    from .distributed import torchrun_world
     from .training import TrainConfig, train_checkpoint
 
     parse_arch(arch)
@@ -93,14 +94,16 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       schedule=schedule, seed=seed)
     command = "toolchain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        history = train_checkpoint(arch, data, out, cfg, resume=resume, force=force, init=init, command=command,
-                                   limit=limit, test_limit=test_limit, log=click.echo)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: the last finished epoch is saved in {out}; "
-                   "run the same command with --resume to continue", err=True)
-        sys.exit(130)
-    if history:
+    with torchrun_world() as world:  # one process, or one of N under torchrun
+        try:
+            history = train_checkpoint(arch, data, out, cfg, resume=resume, force=force, init=init,
+                                       command=command, limit=limit, test_limit=test_limit, log=click.echo,
+                                       rank=world.rank, world_size=world.size)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: the last finished epoch is saved in {out}; "
+                       "run the same command with --resume to continue", err=True)
+            sys.exit(130)
+    if history and world.rank == 0:
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 

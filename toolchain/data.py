@@ -211,7 +211,8 @@ def batches(split: Split, batch_size: int, *, shuffle: bool = False, augment_ima
     labels = torch.from_numpy(split.labels)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
-    order = order[rank::world_size]
+    if world_size > 1:  # equal shards: every process must take the same number of steps
+        order = order[:len(order) - len(order) % world_size][rank::world_size]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x = images[idx]

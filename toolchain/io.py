@@ -12,13 +12,8 @@ from pathlib import Path
 from .errors import ToolchainError
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
-
-    A missing parent folder is created; an unwritable one is a clear ToolchainError.
-    """
-    target = Path(target)
+def _temp_beside(target: Path) -> Path:
+    """A new empty temporary file in target's folder (created if missing), or a clear error."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -29,8 +24,24 @@ def atomic_path(target: str | os.PathLike):
     except OSError as exc:
         raise ToolchainError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(fd)
+    return Path(tmp)
+
+
+def check_writable(target: str | os.PathLike) -> None:
+    """Fail now, before slow work, when `target` could not be written later."""
+    _temp_beside(Path(target)).unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike):
+    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
+
+    A missing parent folder is created; an unwritable one is a clear ToolchainError.
+    """
+    target = Path(target)
+    tmp = _temp_beside(target)
     try:
-        yield Path(tmp)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give outputs the usual mode
         try:
             os.replace(tmp, target)

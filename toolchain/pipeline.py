@@ -108,7 +108,8 @@ def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, lo
     tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed)
     history = fit(model, data.train, data.test, tcfg, teacher=teacher if cfg.distill else None,
                   mean=ckpt.mean, std=ckpt.std, log=log)
-    return [asdict(r) for r in history]
+    # Wall times stay in the log: the manifest must be the same for the same command.
+    return [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in history]
 
 
 def run_export(cfg: ExportConfig, log=print):

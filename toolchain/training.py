@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import CIFAR10_MEAN, CIFAR10_STD, Split, batches
+from .distributed import data_parallel, sum_over_processes
 from .errors import ConfigError
 
 
@@ -131,6 +132,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
         start_epoch = state["epoch"]
     if teacher is not None:
         teacher.eval()
+    net = data_parallel(model, world_size)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -141,7 +143,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
                    disable=None if rank == 0 else True, mininterval=2.0)
         for x, y in bar:
             x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x)
+            logits = net(x)
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
@@ -156,6 +158,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        loss_sum, correct, seen = sum_over_processes([loss_sum, correct, seen], world_size)
         test_acc = evaluate(model, test, mean=mean, std=std) if test is not None and rank == 0 else None
         record = EpochRecord(epoch + 1, loss_sum / max(1, seen), correct / max(1, seen), test_acc,
                              time.perf_counter() - t0, opt.param_groups[0]["lr"])

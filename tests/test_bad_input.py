@@ -1,0 +1,122 @@
+"""Every row of the README's bad-input table, fed to the real command: exit status 2, one line
+saying what is wrong, and no file left behind."""
+
+import os
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from toolchain.models import build_model
+
+
+def _identity_onnx(path, shape, opset):
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _image_folder(root, corrupt=False):
+    from PIL import Image
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(root / split / "cat" / "0.png")
+    if corrupt:
+        (root / "test" / "cat" / "1.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+# (case, how to build the arguments from (inputs folder, baseline, data root), expected message)
+CASES = [
+    ("checkpoint missing", lambda t, b, d: ["eval", t / "missing.pt", "--data", d], "does not exist"),
+    ("checkpoint empty", lambda t, b, d: ["eval", _write(t / "empty.pt", b""), "--data", d], "is empty"),
+    ("checkpoint truncated", lambda t, b, d: ["eval", _write(t / "half.pt", b.read_bytes()[:50_000]), "--data", d],
+     "is not a readable PyTorch checkpoint"),
+    ("checkpoint not PyTorch", lambda t, b, d: ["eval", _write(t / "notes.pt", b"just some text\n" * 50),
+                                                "--data", d], "is not a readable PyTorch checkpoint"),
+    ("checkpoint with code", lambda t, b, d: ["eval", _saved(t / "code.pt", {"x": _Payload()}), "--data", d],
+     "refused to load"),
+    ("checkpoint of another depth", lambda t, b, d: ["eval", _saved(t / "r32.pt", build_model("resnet32").state_dict()),
+                                                     "--arch", "resnet20", "--data", d], "unexpected key 'layer1.3"),
+    ("unknown architecture", lambda t, b, d: ["train", "--arch", "resnet21", "--data", d], "unknown architecture"),
+    ("ratio 0", lambda t, b, d: ["export", "--ratio", "0"], "not between 0 and 1"),
+    ("ratio 1", lambda t, b, d: ["export", "--ratio", "1"], "not between 0 and 1"),
+    ("ratio negative", lambda t, b, d: ["export", "--ratio", "-0.5"], "not between 0 and 1"),
+    ("ratio NaN", lambda t, b, d: ["export", "--ratio", "nan"], "not between 0 and 1"),
+    ("ratio text", lambda t, b, d: ["export", "--ratio", "half"], "is not a number"),
+    ("unknown method", lambda t, b, d: ["export", "--method", "third"], "Invalid value for '--method'"),
+    ("data missing", lambda t, b, d: ["eval", b, "--data", t / "nowhere"], "does not exist"),
+    ("data empty", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "empty")], "no test/ folder"),
+    ("data wrong layout", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "flat", "img.png")], "no test/ folder"),
+    ("data corrupt image", lambda t, b, d: ["eval", b, "--data", _image_folder(t / "bad", corrupt=True)],
+     "1.jpg"),
+    ("onnx garbage", lambda t, b, d: ["eval", _write(t / "g.onnx", b"\x00garbage" * 100), "--data", d],
+     "is not a valid ONNX model"),
+    ("onnx truncated", lambda t, b, d: ["eval", _write(t / "t.onnx", _exported(t)[: 40_000]), "--data", d],
+     "is not a valid ONNX model"),
+    ("onnx of another model", lambda t, b, d: ["eval", _identity_onnx(t / "big.onnx", ["N", 3, 64, 64], 17),
+                                               "--data", d], "expected [batch, 3, 32, 32]"),
+    ("onnx newer opset", lambda t, b, d: ["eval", _identity_onnx(t / "new.onnx", ["N", 3, 32, 32], 99),
+                                          "--data", d], "opset"),
+    ("output not .onnx", lambda t, b, d: ["export", "--out", t / "model.txt"], "must end in .onnx"),
+    ("output parent is a file", lambda t, b, d: ["export", "--method", "none", "--out",
+                                                 _write(t / "file", b"x") / "m.onnx"], "is a file, not a folder"),
+    ("output folder read-only", lambda t, b, d: ["export", "--method", "none", "--out", "/sys/m.onnx"],
+     "permission denied"),
+]
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _saved(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def _mkdir(path, *files):
+    path.mkdir()
+    for name in files:
+        (path / name).write_bytes(b"x")
+    return path
+
+
+def _exported(t):
+    from conftest import random_resnet20
+    from export.onnx_export import export_onnx
+    out = t / "whole.onnx"
+    export_onnx(random_resnet20(), out, {"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}},
+                torch.randn(2, 3, 32, 32))
+    data = out.read_bytes()
+    out.unlink()
+    out.with_suffix(".manifest.json").unlink()
+    return data
+
+
+@pytest.mark.parametrize("case, build, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, baseline_path, data_root, case, build, message):
+    inputs, work = tmp_path / "inputs", tmp_path / "work"
+    inputs.mkdir()
+    work.mkdir()
+    args = build(inputs, baseline_path, data_root)
+    before = sorted(p.relative_to(inputs) for p in inputs.rglob("*"))
+    result = run_cli(*args, cwd=work)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(work.iterdir())  # nothing written where the command ran
+    assert sorted(p.relative_to(inputs) for p in inputs.rglob("*")) == before  # nor beside the inputs
