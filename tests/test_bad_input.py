@@ -37,6 +37,14 @@ def _image_folder(root, corrupt=False):
     return root
 
 
+def _pickled_with_code(root):
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": _Payload(), "labels": []}))
+    return root
+
+
 # (case, how to build the arguments from (inputs folder, baseline, data root), expected message)
 CASES = [
     ("checkpoint missing", lambda t, b, d: ["eval", t / "missing.pt", "--data", d], "does not exist"),
@@ -59,6 +67,8 @@ CASES = [
     ("data missing", lambda t, b, d: ["eval", b, "--data", t / "nowhere"], "does not exist"),
     ("data empty", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "empty")], "no test/ folder"),
     ("data wrong layout", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "flat", "img.png")], "no test/ folder"),
+    ("data pickled batch with code", lambda t, b, d: ["eval", b, "--data", _pickled_with_code(t / "pk")],
+     "refusing to load"),
     ("data corrupt image", lambda t, b, d: ["eval", b, "--data", _image_folder(t / "bad", corrupt=True)],
      "1.jpg"),
     ("onnx garbage", lambda t, b, d: ["eval", _write(t / "g.onnx", b"\x00garbage" * 100), "--data", d],
@@ -120,3 +130,4 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, baseline_path,
     assert "Traceback" not in result.stderr
     assert not any(work.iterdir())  # nothing written where the command ran
     assert sorted(p.relative_to(inputs) for p in inputs.rglob("*")) == before  # nor beside the inputs
+

@@ -95,3 +95,23 @@ def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest == b.manifest
     assert set(a.manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "cifar-filter-toolchain"}
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])
+def test_deeper_resnets_go_through_both_methods_and_export(tmp_path, arch):
+    from toolchain.methods.first import FirstConfig, apply_first
+    from toolchain.methods.second import SecondConfig, apply_second
+    from toolchain.models import count_macs, count_params
+    model = build_model(arch).eval()
+    x = torch.randn(4, 3, 32, 32)
+    first, _ = apply_first(model, FirstConfig(ratio=0.5, n_init=1))
+    second, _ = apply_second(model, SecondConfig(ratio=0.5, round_to=1))
+    assert count_params(first) < 0.55 * count_params(model)
+    assert count_macs(second) < 0.55 * count_macs(model)
+    for name, compressed, keep in (("first", first, True), ("second", second, False)):
+        expected = compressed.eval()(x).detach().numpy()
+        scale = max(1.0, float(np.abs(expected).max()))  # untrained deep nets have large logits
+        result = export_onnx(compressed, tmp_path / f"{arch}_{name}.onnx",
+                             {"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}, x, keep_structure=keep,
+                             tolerance=1e-4 * scale)
+        np.testing.assert_allclose(_run(result.path, x), expected, rtol=1e-3, atol=1e-4 * scale)
