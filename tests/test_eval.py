@@ -22,7 +22,8 @@ def onnx_pair(tmp_path_factory, baseline_path):
     paths = []
     for method in ("none", "first"):
         out = folder / f"{method}.onnx"
-        run_export(ExportConfig(method=method, checkpoint=str(baseline_path), out=str(out)), log=print)
+        run_export(ExportConfig(method=method, checkpoint=str(baseline_path), out=str(out), finetune_epochs=0,
+                                train_limit=1024, test_limit=500), log=print)
         paths.append(out)
     return paths
 
