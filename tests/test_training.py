@@ -90,3 +90,20 @@ def test_torchrun_two_processes_match_one(tmp_path, data_root):
     two = read_payload(out)["meta"]["test_accuracy"]
     assert one > 0.2 and two > 0.2  # both learned (chance is 0.10)
     assert abs(one - two) < 0.08, (one, two)
+
+
+def test_torchrun_fine_tunes_an_export(tmp_path, data_root, baseline_path):
+    """export under torchrun: both processes fine-tune their shards, rank 0 alone writes the model."""
+    import json
+    out = tmp_path / "first.onnx"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolchain",
+           "export", "--method", "first", "--ratio", "0.5", "--checkpoint", str(baseline_path),
+           "--data", str(data_root), "--finetune-epochs", "1", "--train-limit", "1024", "--test-limit", "500",
+           "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("epoch 1/1") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.manifest.json", "first.onnx"]
+    manifest = json.loads((tmp_path / "first.manifest.json").read_text())
+    assert len(manifest["finetune_history"]) == 1
+    assert manifest["accuracy"]["finetuned"] > 0.15  # the fine-tuned model is sound (chance is 0.10)

@@ -123,20 +123,27 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 @first_options
 @click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
+@click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
-           features, allocation, round_to, seed, out, json_out):
+           features, allocation, round_to, seed, train_limit, test_limit, out, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
+    from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
 
     options = {"features": features, "allocation": allocation} if method == "first" else {}
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
-                       seed=seed, out=out, method_options=options)
-    result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"))
-    emit_json(json_out, result.manifest)
+                       seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
+                       method_options=options)
+    with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
+        result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"),
+                            rank=world.rank, world_size=world.size)
+    if result is not None:
+        emit_json(json_out, result.manifest)
 
 
 @cli.command(name="eval")

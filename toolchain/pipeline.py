@@ -103,17 +103,28 @@ def reconstruct_second(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -
     return reconstruct(model, ckpt.model, images)
 
 
-def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log) -> list[dict]:
+def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log,
+             rank: int = 0, world_size: int = 1) -> list[dict]:
     """A few epochs of the training loop at a low learning rate, distilling from the original."""
     tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed)
     history = fit(model, data.train, data.test, tcfg, teacher=teacher if cfg.distill else None,
-                  mean=ckpt.mean, std=ckpt.std, log=log)
+                  mean=ckpt.mean, std=ckpt.std, log=log, rank=rank, world_size=world_size)
     # Wall times stay in the log: the manifest must be the same for the same command.
     return [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in history]
 
 
-def run_export(cfg: ExportConfig, log=print):
-    """The whole export pipeline; returns export.onnx_export.ExportResult."""
+def _quiet(_line) -> None:
+    pass
+
+
+def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1):
+    """The whole export pipeline; returns export.onnx_export.ExportResult.
+
+    Under torchrun every process compresses the same model and fine-tunes on its shard;
+    rank 0 alone exports (the others return None).
+    """
+    if rank != 0:
+        log = _quiet
     from export.manifest import sha256_of, versions
     from export.onnx_export import check_output_path, export_onnx
 
@@ -138,13 +149,15 @@ def run_export(cfg: ExportConfig, log=print):
         recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std)
         measure("recalibrated")
         if cfg.finetune_epochs:
-            info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log)
+            info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log, rank, world_size)
             accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
     elif data is not None:
         accuracy["source"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
     if data is None and cfg.method != "none":
         log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
             "BN recalibration or fine-tuning")
+    if rank != 0:
+        return None  # the model is the same in every process; rank 0 writes it
     if cfg.method == "first" and cfg.centroid_bits:
         from .methods.first import quantize_centroids
         info["centroid_bits"] = cfg.centroid_bits
