@@ -6,11 +6,11 @@ import os
 import re
 
 from export.manifest import file_sizes, read_metadata
+from toolchain.errors import ConfigError
 
 from .bench import BenchConfig, bench
 from .graph_stats import onnx_params
 from .runtime import create_session, load_onnx
-from toolchain.errors import ConfigError
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3,
           "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from toolchain.io import sha256_of, write_json  # noqa: F401 (sha256_of is part of this API)
+from toolchain.io import write_json
 
 MANIFEST_KEY = "toolchain.manifest"
 

@@ -81,8 +81,8 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
           download):
     """Train a CIFAR ResNet from scratch (SGD, Nesterov, crop+flip), a checkpoint per epoch."""
     from .data import load_split
-    from .models import parse_arch
     from .distributed import torchrun_world
+    from .models import parse_arch
     from .training import TrainConfig, train_checkpoint
 
     parse_arch(arch)

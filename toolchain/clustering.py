@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+
 from .errors import ConfigError
 
 

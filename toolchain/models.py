@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from .errors import ConfigError
 
 DEPTHS = (20, 32, 44, 56, 110)

@@ -125,20 +125,23 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
     """
     if rank != 0:
         log = _quiet
-    from export.manifest import sha256_of, versions
+    from export.manifest import versions
     from export.onnx_export import check_output_path, export_onnx
+
+    from .io import sha256_of
 
     t0 = time.perf_counter()
     source = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
-    if cfg.out:  # a bad output path is reported before any slow work
-        check_output_path(cfg.out)
+    out = check_output_path(cfg.out) if cfg.out else None  # a bad path fails before any slow work
     ckpt = load_checkpoint(source, cfg.arch)
     data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
-    out = check_output_path(cfg.out or cfg.default_out(ckpt.arch))
+    out = out or check_output_path(cfg.default_out(ckpt.arch))
     model, info = compress(cfg, ckpt)
     accuracy = {}
     if data is not None and cfg.method != "none":
         def measure(stage):
+            if rank != 0:
+                return  # only rank 0 reports; the others would evaluate the same model again
             accuracy[stage] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
             log(f"accuracy {stage}: {accuracy[stage]:.4f}")
 

@@ -218,10 +218,12 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
         model.load_state_dict(start.model.state_dict())
         log(f"starting from the weights of {init}")
 
+    init_record = _init_record(init)  # hashed and read once, not at every epoch
+
     def save(history, training_state):
         last = history[-1]
         meta = {"training": {"command": command, "config": asdict(cfg), "epochs_done": last.epoch,
-                             "init": _init_record(init),
+                             "init": init_record,
                              "seconds": round(sum(r.seconds for r in history), 1),
                              "history": [asdict(r) for r in history]},
                 "test_accuracy": last.test_accuracy}

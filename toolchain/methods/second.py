@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import clusters_for, kmeans
-from ..models import BasicBlock, CifarResNet
 from ..errors import ConfigError
+from ..models import BasicBlock, CifarResNet
 
 
 @dataclass
