@@ -12,7 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_DATA = Path(os.environ.get("CIFAR10_ROOT") or REPO.parent / "shared" / "datasets" / "cifar10-jpeg")
+# Absolute, so CLI subprocesses started in other folders find it too (CI passes a relative path).
+REAL_DATA = Path(os.environ.get("CIFAR10_ROOT") or REPO.parent / "shared" / "datasets" / "cifar10-jpeg").absolute()
 BASELINE = REPO / "artifacts" / "resnet20_cifar10.pt"
 
 
@@ -75,6 +76,6 @@ def random_resnet20(seed: int = 0):
 
 def run_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real `toolchain` command in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "CIFAR10_ROOT": str(REAL_DATA), **(env or {})}
     return subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], capture_output=True,
                           text=True, env=full_env, cwd=cwd or REPO, timeout=900)
