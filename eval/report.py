@@ -125,7 +125,7 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in curves:
-            start = r.get("accuracy_recalibrated")
+            start = r.get("accuracy_reconstructed", r.get("accuracy_recalibrated"))
             ys = ([start] if start is not None else []) + r["finetune_curve"]
             xs = list(range(len(ys))) if start is not None else list(range(1, len(ys) + 1))
             ax.plot(xs, [100 * y for y in ys], "-o", label=f"{_label(r)} r={r['ratio']}")

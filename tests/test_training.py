@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from conftest import REPO
+from conftest import REPO, random_resnet20
 from toolchain.checkpoints import read_payload
 from toolchain.models import build_model
 from toolchain.training import TrainConfig, evaluate, fit, recalibrate_bn
@@ -31,6 +31,24 @@ def test_recalibrate_bn_restores_statistics(train_split, test_split, baseline):
     recalibrate_bn(model, train_split, images=1024)
     fixed = evaluate(model, test_split.subset(500))
     assert fixed > broken + 0.2 and fixed > 0.8
+
+
+@torch.no_grad()
+def test_recalibration_can_keep_the_function_and_align_train_mode(train_split):
+    """keep_outputs: eval-mode logits stay; train mode (batch statistics) then computes the same."""
+    from toolchain.data import to_tensor
+    model = random_resnet20()  # its running statistics are far from the data's
+    x = to_tensor(train_split.subset(256, seed=3).images)
+    before = model.eval()(x)
+
+    def train_mode_gap():  # on a copy: a train-mode pass moves the running statistics
+        import copy
+        return float(((copy.deepcopy(model).train()(x) - model.eval()(x)) ** 2).sum() / (before ** 2).sum())
+
+    assert train_mode_gap() > 0.1
+    recalibrate_bn(model, train_split, images=1024, keep_outputs=True)
+    assert torch.allclose(model.eval()(x), before, atol=1e-4 * before.abs().max())
+    assert train_mode_gap() < 0.01
 
 
 def test_interrupted_training_resumes(tmp_path, data_root):

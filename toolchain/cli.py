@@ -36,7 +36,12 @@ class Ratio(click.ParamType):
 
 
 def first_options(command):
-    """Method first's clustering options, shared by export and sweep (toolchain.methods.first.FirstConfig)."""
+    """Compression options shared by export and sweep (toolchain.methods.first.FirstConfig and
+    ExportConfig.reconstruct)."""
+    command = click.option(
+        "--no-reconstruct", is_flag=True,
+        help="Skip the least-squares refit on calibration images (method first: centroids; second: each "
+             "block's conv2) and only recalibrate BatchNorm statistics.")(command)
     command = click.option(
         "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
         help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)
@@ -128,7 +133,7 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
-           features, allocation, round_to, seed, train_limit, test_limit, out, json_out):
+           features, allocation, no_reconstruct, round_to, seed, train_limit, test_limit, out, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
@@ -138,7 +143,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
-                       method_options=options)
+                       reconstruct=not no_reconstruct, method_options=options)
     with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
         result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"),
                             rank=world.rank, world_size=world.size)
@@ -197,7 +202,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, centroid_bits, round_to,
-          features, allocation, train_limit, test_limit, repeats, out):
+          features, allocation, no_reconstruct, train_limit, test_limit, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""
@@ -211,7 +216,7 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
     export_cfg = ExportConfig(checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
                               finetune_lr=finetune_lr, centroid_bits=int(centroid_bits) if centroid_bits else None,
                               round_to=round_to, train_limit=train_limit, test_limit=test_limit,
-                              method_options={"features": features, "allocation": allocation})
+                              reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation})
     try:
         run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,
                               export=export_cfg, repeats=repeats), log=click.echo)

@@ -33,7 +33,11 @@ class ExportConfig:
     distill: bool = True
     centroid_bits: int | None = None  # method first: 8 for int8 centroids
     round_to: int | None = None  # method second: channel multiple of kept widths
-    calibration_images: int = 1024  # method second's least-squares refit
+    # Data-aware least-squares refit (first: centroids, second: each block's conv2) on calibration
+    # images; it keeps the original BN statistics, which a plain recalibration would only blur.
+    # False: BN statistics are recalibrated instead.
+    reconstruct: bool = True
+    calibration_images: int = 1024
     train_limit: int | None = None  # subsets, for quick runs and tests
     test_limit: int | None = None
     seed: int = 0
@@ -96,11 +100,13 @@ def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict
     return model, info
 
 
-def reconstruct_second(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -> list[dict]:
-    """Method second's least-squares refit on seeded calibration images from the training split."""
-    from .methods.second import reconstruct
+def reconstruct(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -> list[dict]:
+    """The method's least-squares refit on seeded calibration images from the training split."""
+    from .methods.first import refit_centroids
+    from .methods.second import reconstruct as reconstruct_blocks
     images = to_tensor(data.train.subset(cfg.calibration_images, cfg.seed).images, ckpt.mean, ckpt.std)
-    return reconstruct(model, ckpt.model, images)
+    refit = refit_centroids if cfg.method == "first" else reconstruct_blocks
+    return refit(model, ckpt.model, images)
 
 
 def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log,
@@ -146,11 +152,12 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
             log(f"accuracy {stage}: {accuracy[stage]:.4f}")
 
         measure("clustered")
-        if cfg.method == "second":
-            info["reconstruction"] = reconstruct_second(model, ckpt, data, cfg)
-            measure("reconstructed")
-        recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std)
-        measure("recalibrated")
+        if cfg.reconstruct:
+            info["reconstruction"] = reconstruct(model, ckpt, data, cfg)
+        # After a refit the statistics move to the data while the function is kept (see recalibrate_bn).
+        recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std,
+                       keep_outputs=cfg.reconstruct)
+        measure("reconstructed" if cfg.reconstruct else "recalibrated")
         if cfg.finetune_epochs:
             info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log, rank, world_size)
             accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]

@@ -95,19 +95,53 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 500,
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, images: int = 2048, batch_size: int = 256,
-                   seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> None:
-    """Re-estimate BatchNorm running statistics on training images (after weights changed)."""
+                   seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD, keep_outputs: bool = False) -> None:
+    """Re-estimate BatchNorm running statistics on training images (after weights changed).
+
+    keep_outputs: measure each BN's input statistics under the model's current eval-mode function
+    and rescale its affine so that this function is kept. For a model refit against the old
+    statistics: train mode (batch statistics) then computes what eval mode computes, so
+    fine-tuning starts from the refit model instead of a blurred one.
+    """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
     was_training = model.training
-    model.train()
-    for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
-        model(x)
-    for m, momentum in zip(bns, saved):
-        m.momentum = momentum
+    if keep_outputs:
+        sums = {m: [0.0, 0.0, 0] for m in bns}
+
+        def hook(m, args):
+            x = args[0].double()
+            sums[m][0] += x.sum((0, 2, 3))
+            sums[m][1] += (x * x).sum((0, 2, 3))
+            sums[m][2] += x.numel() // x.shape[1]
+
+        handles = [m.register_forward_pre_hook(hook) for m in bns]
+        model.eval()
+        try:
+            for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for m in bns:
+            total, squares, n = sums[m]
+            new_mean = (total / n).float()
+            new_var = (squares / n - (total / n) ** 2).clamp_min(0).float() * n / max(1, n - 1)
+            # gamma' (z - mu') / sigma' + beta' == gamma (z - mu) / sigma + beta for every z
+            old_std = torch.sqrt(m.running_var + m.eps)
+            m.bias.data += m.weight.data * (new_mean - m.running_mean) / old_std
+            m.weight.data *= torch.sqrt(new_var + m.eps) / old_std
+            m.running_mean.copy_(new_mean)
+            m.running_var.copy_(new_var)
+    else:
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over all batches
+        model.train()
+        for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
+            model(x)
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
     model.train(was_training)
 
 

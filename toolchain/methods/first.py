@@ -18,6 +18,7 @@ from torch import nn
 
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
+from ..least_squares import batched, capture, solve_conv_weight
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -67,16 +68,16 @@ class SharedConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, k={len(self.centroids)}"
 
 
+def _bn_after(modules: dict, name: str) -> nn.BatchNorm2d | None:
+    parent, _, leaf = name.rpartition(".")
+    return modules.get((parent + "." if parent else "") + leaf.replace("conv", "bn"))
+
+
 def clusterable_convs(model: nn.Module, layers=None) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
     """(name, conv, the BatchNorm right after it) for each conv to cluster, in network order."""
     modules = dict(model.named_modules())
-    found = []
-    for name, m in modules.items():
-        if isinstance(m, nn.Conv2d) and (layers is None or name in layers):
-            parent, _, leaf = name.rpartition(".")
-            bn_name = (parent + "." if parent else "") + leaf.replace("conv", "bn")
-            found.append((name, m, modules.get(bn_name)))
-    return found
+    return [(name, m, _bn_after(modules, name)) for name, m in modules.items()
+            if isinstance(m, nn.Conv2d) and (layers is None or name in layers)]
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> np.ndarray:
@@ -138,6 +139,48 @@ def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
                        "inertia": result.inertia})
     return model, {"layers": layers, "first": {"features": cfg.features, "allocation": cfg.allocation,
                                                "n_init": cfg.n_init}}
+
+
+def _output_scale(bn: nn.BatchNorm2d | None, channels: int) -> torch.Tensor:
+    """How a conv output channel is scaled on its way through the BN (eval mode)."""
+    if bn is None:
+        return torch.ones(channels)
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+@torch.no_grad()
+def refit_centroids(model: nn.Module, original: nn.Module, images: torch.Tensor, ridge: float = 1e-3,
+                    batch_size: int = 256) -> list[dict]:
+    """Data-aware centroids: layer by layer in network order, each centroid becomes the filter
+    whose output best reproduces, at the BN output, its members' outputs in the original model.
+
+    Fed by the clustered network so far, so each layer also corrects earlier layers' errors.
+    The weighted least-squares centroid of a cluster is the weighted mean of its members'
+    own least-squares filters (all share one Gram matrix), so one solve serves the layer.
+    Returns each layer's relative squared error at the BN output before and after.
+    """
+    modules, source = dict(model.named_modules()), dict(original.named_modules())
+    names = [name for name, m in modules.items() if isinstance(m, SharedConv2d) and m.scale is None]
+    targets = capture(original, [source[name] for name in names], images, "output", batch_size)
+    errors = []
+    for name, target in zip(names, targets):
+        conv = modules[name]
+        a = _output_scale(_bn_after(source, name), conv.out_channels)
+        a_new = _output_scale(_bn_after(modules, name), conv.out_channels)
+        x = capture(model, [conv], images, "input", batch_size)[0]
+        target = target * a.view(1, -1, 1, 1)
+
+        def error() -> float:
+            out = batched(conv, x, batch_size)
+            return float(((out * a_new.view(1, -1, 1, 1) - target) ** 2).sum() / (target ** 2).sum())
+
+        before = error()
+        per_filter = solve_conv_weight(conv, x, target / a_new.view(1, -1, 1, 1), ridge, batch_size).flatten(1)
+        members = F.one_hot(conv.assignment.long(), len(conv.centroids)).double() * (a_new ** 2).double()[:, None]
+        centroids = (members.T @ per_filter.double()) / members.sum(0).clamp_min(1e-12)[:, None]
+        conv.centroids.copy_(centroids.view_as(conv.centroids).float())
+        errors.append({"layer": name, "relative_error_before": before, "relative_error_after": error()})
+    return errors
 
 
 def shared_convs(model: nn.Module) -> list[SharedConv2d]:

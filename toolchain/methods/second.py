@@ -23,6 +23,7 @@ from torch import nn
 
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
+from ..least_squares import batched, relative_error, solve_conv_weight
 from ..models import BasicBlock, CifarResNet
 
 
@@ -112,10 +113,6 @@ def _fold_bn_scale(block: BasicBlock) -> torch.Tensor:
     return bias
 
 
-def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def _stem(model: CifarResNet, x: torch.Tensor) -> torch.Tensor:
     return F.relu(model.bn1(model.conv1(x)))
 
@@ -136,22 +133,22 @@ def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor
     """
     pruned.eval()
     original.eval()
-    p_in = _batched(lambda x: _stem(pruned, x), images, batch_size)
-    o_in = _batched(lambda x: _stem(original, x), images, batch_size)
+    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
+    o_in = batched(lambda x: _stem(original, x), images, batch_size)
     errors = []
     for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
         shift = _fold_bn_scale(p_block)  # BN1 is now conv1 output + shift
-        z = _batched(p_block.conv1, p_in, batch_size)
+        z = batched(p_block.conv1, p_in, batch_size)
         stats = z.transpose(0, 1).flatten(1)
         _set_affine(p_block.bn1, shift, stats.mean(1), stats.var(1))  # same function, real statistics
         hidden = F.relu(p_block.bn1(z))
-        target = _batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
-        before = _relative_error(p_block.conv2, hidden, target, batch_size)
-        _refit(p_block.conv2, hidden, target, ridge, batch_size)
+        target = batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
+        before = relative_error(p_block.conv2, hidden, target, batch_size)
+        p_block.conv2.weight.copy_(solve_conv_weight(p_block.conv2, hidden, target, ridge, batch_size))
         errors.append({"block": index, "relative_error_before": before,
-                       "relative_error_after": _relative_error(p_block.conv2, hidden, target, batch_size)})
-        p_in = _batched(p_block, p_in, batch_size)
-        o_in = _batched(o_block, o_in, batch_size)
+                       "relative_error_after": relative_error(p_block.conv2, hidden, target, batch_size)})
+        p_in = batched(p_block, p_in, batch_size)
+        o_in = batched(o_block, o_in, batch_size)
     return errors
 
 
@@ -162,33 +159,13 @@ def block_errors(pruned: CifarResNet, original: CifarResNet, images: torch.Tenso
     each network fed by its own earlier blocks (as in `reconstruct`)."""
     pruned.eval()
     original.eval()
-    p_in = _batched(lambda x: _stem(pruned, x), images, batch_size)
-    o_in = _batched(lambda x: _stem(original, x), images, batch_size)
+    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
+    o_in = batched(lambda x: _stem(original, x), images, batch_size)
     errors = []
     for p_block, o_block in zip(pruned.blocks(), original.blocks()):
-        hidden = _batched(lambda x: _conv2_input(p_block, x), p_in, batch_size)
-        target = _batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
-        errors.append(_relative_error(p_block.conv2, hidden, target, batch_size))
-        p_in = _batched(p_block, p_in, batch_size)
-        o_in = _batched(o_block, o_in, batch_size)
+        hidden = batched(lambda x: _conv2_input(p_block, x), p_in, batch_size)
+        target = batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
+        errors.append(relative_error(p_block.conv2, hidden, target, batch_size))
+        p_in = batched(p_block, p_in, batch_size)
+        o_in = batched(o_block, o_in, batch_size)
     return errors
-
-
-def _relative_error(conv: nn.Conv2d, hidden: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
-    out = _batched(conv, hidden, batch_size)
-    return float(((out - target) ** 2).sum() / (target ** 2).sum())
-
-
-def _refit(conv: nn.Conv2d, hidden: torch.Tensor, target: torch.Tensor, ridge: float, batch_size: int) -> None:
-    """conv.weight <- argmin ||conv(hidden) - target||^2 + ridge * mean(diag) * ||W||^2."""
-    dim = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    gram = torch.zeros(dim, dim, dtype=torch.float64)
-    cross = torch.zeros(dim, conv.out_channels, dtype=torch.float64)
-    for i in range(0, len(hidden), batch_size):
-        cols = F.unfold(hidden[i:i + batch_size], conv.kernel_size, padding=conv.padding,
-                        stride=conv.stride).transpose(1, 2).reshape(-1, dim).double()
-        y = target[i:i + batch_size].permute(0, 2, 3, 1).reshape(-1, conv.out_channels).double()
-        gram += cols.T @ cols
-        cross += cols.T @ y
-    gram += ridge * gram.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
-    conv.weight.copy_(torch.linalg.solve(gram, cross).T.reshape(conv.weight.shape).float())

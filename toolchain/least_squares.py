@@ -1,0 +1,83 @@
+"""Ridge least squares for conv weights on calibration activations, shared by both methods.
+
+Both methods refit a compressed conv so that, fed by the compressed network so far, it
+reproduces the original conv's output: method second refits each block's conv2, method
+first refits each layer's centroids (per-filter solutions averaged over the cluster).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def solve_conv_weight(conv: nn.Module, inputs: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3,
+                      batch_size: int = 256) -> torch.Tensor:
+    """argmin_W ||conv_W(inputs) - target||^2 + ridge * mean(diag) * ||W||^2, bias-free.
+
+    `conv` gives the geometry (kernel, stride, padding); returns W shaped
+    (target channels, in_channels, kh, kw).
+    """
+    kernel = tuple(conv.kernel_size)
+    dim = conv.in_channels * kernel[0] * kernel[1]
+    channels = target.shape[1]
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, channels, dtype=torch.float64)
+    for i in range(0, len(inputs), batch_size):
+        cols = F.unfold(inputs[i:i + batch_size], kernel, padding=conv.padding,
+                        stride=conv.stride).transpose(1, 2).reshape(-1, dim)
+        y = target[i:i + batch_size].permute(0, 2, 3, 1).reshape(-1, channels)
+        # float32 products per batch (fast), summed over batches in float64
+        gram += (cols.T @ cols).double()
+        cross += (cols.T @ y).double()
+    gram += ridge * gram.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
+    return torch.linalg.solve(gram, cross).T.reshape(channels, conv.in_channels, *kernel).float()
+
+
+@torch.no_grad()
+def relative_error(conv: nn.Module, inputs: torch.Tensor, target: torch.Tensor, batch_size: int = 256) -> float:
+    """||conv(inputs) - target||^2 / ||target||^2."""
+    out = batched(conv, inputs, batch_size)
+    return float(((out - target) ** 2).sum() / (target ** 2).sum())
+
+
+class _Captured(Exception):
+    """Raised once every hooked layer has fired, so the rest of the forward pass is skipped."""
+
+
+@torch.no_grad()
+def capture(model: nn.Module, layers: list[nn.Module], images: torch.Tensor, which: str = "input",
+            batch_size: int = 256) -> list[torch.Tensor]:
+    """The input (or output) of each of `layers` when `model` runs on `images` in eval mode;
+    one pass, stopped early once the last of them has run."""
+    captured = [[] for _ in layers]
+    fired = []
+
+    def hook_for(index):
+        def hook(_module, args, output):
+            captured[index].append(args[0] if which == "input" else output)
+            fired.append(index)
+            if len(fired) == len(layers):
+                raise _Captured
+
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            fired.clear()
+            try:
+                model(images[i:i + batch_size])
+            except _Captured:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(c) for c in captured]
