@@ -121,6 +121,24 @@ def _conv2_input(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
     return F.relu(block.bn1(block.conv1(x)))
 
 
+def _paired_blocks(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor, batch_size: int):
+    """(index, pruned block, original block, its input, the original's input) in network order,
+    each network fed by its own earlier blocks. The next inputs are computed after the caller
+    is done with a pair, so a block refit in between feeds the blocks after it."""
+    pruned.eval()
+    original.eval()
+    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
+    o_in = batched(lambda x: _stem(original, x), images, batch_size)
+    for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
+        yield index, p_block, o_block, p_in, o_in
+        p_in = batched(p_block, p_in, batch_size)
+        o_in = batched(o_block, o_in, batch_size)
+
+
+def _conv2_target(block: BasicBlock, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return batched(lambda v: block.conv2(_conv2_input(block, v)), x, batch_size)
+
+
 @torch.no_grad()
 def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
                 ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
@@ -131,24 +149,18 @@ def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor
     output on the original network's block input. BN1 statistics are set from the same images.
     Returns the relative squared error of each block's conv2 output before and after.
     """
-    pruned.eval()
-    original.eval()
-    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
-    o_in = batched(lambda x: _stem(original, x), images, batch_size)
     errors = []
-    for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
+    for index, p_block, o_block, p_in, o_in in _paired_blocks(pruned, original, images, batch_size):
         shift = _fold_bn_scale(p_block)  # BN1 is now conv1 output + shift
         z = batched(p_block.conv1, p_in, batch_size)
         stats = z.transpose(0, 1).flatten(1)
         _set_affine(p_block.bn1, shift, stats.mean(1), stats.var(1))  # same function, real statistics
         hidden = F.relu(p_block.bn1(z))
-        target = batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
+        target = _conv2_target(o_block, o_in, batch_size)
         before = relative_error(p_block.conv2, hidden, target, batch_size)
         p_block.conv2.weight.copy_(solve_conv_weight(p_block.conv2, hidden, target, ridge, batch_size))
         errors.append({"block": index, "relative_error_before": before,
                        "relative_error_after": relative_error(p_block.conv2, hidden, target, batch_size)})
-        p_in = batched(p_block, p_in, batch_size)
-        o_in = batched(o_block, o_in, batch_size)
     return errors
 
 
@@ -157,15 +169,6 @@ def block_errors(pruned: CifarResNet, original: CifarResNet, images: torch.Tenso
                  batch_size: int = 256) -> list[float]:
     """Relative squared error of each pruned block's conv2 output against the original's,
     each network fed by its own earlier blocks (as in `reconstruct`)."""
-    pruned.eval()
-    original.eval()
-    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
-    o_in = batched(lambda x: _stem(original, x), images, batch_size)
-    errors = []
-    for p_block, o_block in zip(pruned.blocks(), original.blocks()):
-        hidden = batched(lambda x: _conv2_input(p_block, x), p_in, batch_size)
-        target = batched(lambda x: o_block.conv2(_conv2_input(o_block, x)), o_in, batch_size)
-        errors.append(relative_error(p_block.conv2, hidden, target, batch_size))
-        p_in = batched(p_block, p_in, batch_size)
-        o_in = batched(o_block, o_in, batch_size)
-    return errors
+    return [relative_error(p_block.conv2, batched(lambda x: _conv2_input(p_block, x), p_in, batch_size),
+                           _conv2_target(o_block, o_in, batch_size), batch_size)
+            for _, p_block, o_block, p_in, o_in in _paired_blocks(pruned, original, images, batch_size)]
