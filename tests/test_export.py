@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import random_resnet20
+from conftest import random_resnet20, run_cli
 from export.manifest import read_metadata
 from export.onnx_export import ExportCheckError, export_onnx
 from toolchain.checkpoints import Checkpoint, save_checkpoint
@@ -92,9 +92,23 @@ def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
                            out=str(out))
         results.append(run_export(cfg, log=lambda _: None))
     a, b = results
+    assert set(a.manifest["accuracy"]) == {"clustered", "reconstructed", "finetuned"}
+    assert len(a.manifest["reconstruction"]) == (19 if method == "first" else 9)  # layers / blocks refit
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest == b.manifest
     assert set(a.manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "cifar-filter-toolchain"}
+
+
+@pytest.mark.parametrize("method", ["first", "second"])
+def test_no_reconstruct_recalibrates_instead(tmp_path, baseline_path, data_root, method):
+    out = tmp_path / f"{method}.onnx"
+    result = run_cli("export", "--method", method, "--checkpoint", baseline_path, "--data", data_root,
+                     "--no-reconstruct", "--finetune-epochs", "0", "--test-limit", "200", "--out", out,
+                     "--json", "-")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert set(manifest["accuracy"]) == {"clustered", "recalibrated"} and "reconstruction" not in manifest
+    assert manifest["config"]["reconstruct"] is False and out.exists()
 
 
 @pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])
