@@ -35,7 +35,7 @@ class Ratio(click.ParamType):
         return r
 
 
-def first_options(command):
+def compression_options(command):
     """Compression options shared by export and sweep (toolchain.methods.first.FirstConfig and
     ExportConfig.reconstruct)."""
     command = click.option(
@@ -125,7 +125,7 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
 @click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: store centroids as int8.")
-@first_options
+@compression_options
 @click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
@@ -196,7 +196,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: int8 centroids.")
 @click.option("--round-to", type=click.IntRange(1), help="Method second: channel multiple of kept widths.")
-@first_options
+@compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")

@@ -128,6 +128,11 @@ class CifarResNet(nn.Module):
         return self.linear(x)
 
 
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps): how an eval-mode BN scales each channel."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 def build_model(arch: str = "resnet20", num_classes: int = 10,
                 inner_widths: list[int] | None = None) -> CifarResNet:
     return CifarResNet(parse_arch(arch), num_classes, inner_widths)

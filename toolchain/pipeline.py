@@ -34,8 +34,8 @@ class ExportConfig:
     centroid_bits: int | None = None  # method first: 8 for int8 centroids
     round_to: int | None = None  # method second: channel multiple of kept widths
     # Data-aware least-squares refit (first: centroids, second: each block's conv2) on calibration
-    # images; it keeps the original BN statistics, which a plain recalibration would only blur.
-    # False: BN statistics are recalibrated instead.
+    # images, then BN statistics moved to the data with the function kept (a plain recalibration
+    # would blur the refit). False: no refit, BN statistics plainly recalibrated.
     reconstruct: bool = True
     calibration_images: int = 1024
     train_limit: int | None = None  # subsets, for quick runs and tests

@@ -105,44 +105,55 @@ def recalibrate_bn(model: nn.Module, split: Split, images: int = 2048, batch_siz
     """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     was_training = model.training
+    calibration = (x for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std))
     if keep_outputs:
-        sums = {m: [0.0, 0.0, 0] for m in bns}
-
-        def hook(m, args):
-            x = args[0].double()
-            sums[m][0] += x.sum((0, 2, 3))
-            sums[m][1] += (x * x).sum((0, 2, 3))
-            sums[m][2] += x.numel() // x.shape[1]
-
-        handles = [m.register_forward_pre_hook(hook) for m in bns]
-        model.eval()
-        try:
-            for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        for m in bns:
-            total, squares, n = sums[m]
-            new_mean = (total / n).float()
-            new_var = (squares / n - (total / n) ** 2).clamp_min(0).float() * n / max(1, n - 1)
-            # gamma' (z - mu') / sigma' + beta' == gamma (z - mu) / sigma + beta for every z
-            old_std = torch.sqrt(m.running_var + m.eps)
-            m.bias.data += m.weight.data * (new_mean - m.running_mean) / old_std
-            m.weight.data *= torch.sqrt(new_var + m.eps) / old_std
-            m.running_mean.copy_(new_mean)
-            m.running_var.copy_(new_var)
+        _restate_keeping_function(model, bns, calibration)
     else:
-        saved = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-        model.train()
-        for x, _ in batches(split.subset(images, seed), batch_size, mean=mean, std=std):
-            model(x)
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
+        _reestimate(model, bns, calibration)
     model.train(was_training)
+
+
+def _reestimate(model: nn.Module, bns: list[nn.BatchNorm2d], calibration) -> None:
+    """Running statistics from train-mode passes (each BN sees its batch-normalised inputs)."""
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for x in calibration:
+        model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+
+
+def _restate_keeping_function(model: nn.Module, bns: list[nn.BatchNorm2d], calibration) -> None:
+    """Running statistics of each BN's inputs under the eval-mode function, affine rescaled to keep it."""
+    sums = {m: [0.0, 0.0, 0] for m in bns}  # per channel: sum, sum of squares; values per channel
+
+    def hook(m, args):
+        x = args[0].double()
+        sums[m][0] += x.sum((0, 2, 3))
+        sums[m][1] += (x * x).sum((0, 2, 3))
+        sums[m][2] += x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    model.eval()
+    try:
+        for x in calibration:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for m in bns:
+        total, squares, n = sums[m]
+        new_mean = (total / n).float()
+        new_var = (squares / n - (total / n) ** 2).clamp_min(0).float() * n / max(1, n - 1)
+        # gamma' (z - mu') / sigma' + beta' == gamma (z - mu) / sigma + beta for every z
+        old_std = torch.sqrt(m.running_var + m.eps)
+        m.bias.data += m.weight.data * (new_mean - m.running_mean) / old_std
+        m.weight.data *= torch.sqrt(new_var + m.eps) / old_std
+        m.running_mean.copy_(new_mean)
+        m.running_var.copy_(new_var)
 
 
 def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,

@@ -19,6 +19,7 @@ from torch import nn
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, capture, solve_conv_weight
+from ..models import bn_scale
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -81,7 +82,7 @@ def clusterable_convs(model: nn.Module, layers=None) -> list[tuple[str, nn.Conv2
 
 
 def _bn_scale(bn: nn.BatchNorm2d) -> np.ndarray:
-    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy().astype(np.float64)
+    return bn_scale(bn).detach().numpy().astype(np.float64)
 
 
 def _clustering_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
@@ -142,10 +143,8 @@ def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
 
 
 def _output_scale(bn: nn.BatchNorm2d | None, channels: int) -> torch.Tensor:
-    """How a conv output channel is scaled on its way through the BN (eval mode)."""
-    if bn is None:
-        return torch.ones(channels)
-    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    """How a conv output channel is scaled on its way through the BN after it (eval mode)."""
+    return torch.ones(channels) if bn is None else bn_scale(bn)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import nn
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, relative_error, solve_conv_weight
-from ..models import BasicBlock, CifarResNet
+from ..models import BasicBlock, CifarResNet, bn_scale
 
 
 @dataclass
@@ -59,7 +59,7 @@ def kept_width(filters: int, ratio: float, round_to: int) -> int:
 def _folded_conv1(block: BasicBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """conv1 with BN1 folded in: (weight, bias) of the pre-ReLU output."""
     bn = block.bn1
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale = bn_scale(bn)
     return block.conv1.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
