@@ -1,4 +1,4 @@
-"""Sweep results -> results.csv, report.md and PNG plots (accuracy, size, latency, MACs, fine-tuning)."""
+"""Sweep results -> results.csv, report.md and PNG plots (accuracy, size, latency, MACs, fine-tuning, peers)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 from toolchain.io import atomic_path
 
 COLUMNS = ["method", "ratio", "centroid_bits", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
-           "accuracy_clustered", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
+           "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
            "accuracy_quantized",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
            "ideal_speedup", "session_rss_bytes_b1", "test_images", "file"]
-STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_reconstructed", "reconstructed", "-."),
+INT8_PEER = "int8-dynamic"  # export.int8_peer.METHOD: one file, no ratio
+STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_pruned", "pruned", ":"), ("accuracy_reconstructed", "reconstructed", "-."),
           ("accuracy_recalibrated", "BN recalibrated", "--"), ("accuracy", "final (ONNX Runtime)", "-")]
 
 
@@ -21,8 +22,8 @@ def write_report(out: str | Path, results: dict) -> None:
     out = Path(out)
     rows = results["rows"]
     _write_text(out / "results.csv", _csv(rows))
-    plots = _plots(out, rows)
-    _write_text(out / "report.md", _markdown(results, plots))
+    plots = _plots(out, rows) + _peer_plots(out, rows)
+    _write_text(out / "report.md", _markdown(results, plots) + _peer_markdown(rows))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -53,18 +54,9 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     base = next(r for r in rows if r["method"] == "baseline")
-    methods = sorted({_label(r) for r in rows} - {"baseline"})
+    methods = sorted({_label(r) for r in rows} - {"baseline", INT8_PEER})
     figures = []
-
-    def save(fig, name, title):
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        figures.append((name, title))
-
-    def baseline_line(ax, value, label="baseline"):
-        ax.axhline(value, color="black", lw=1, ls="--", label=label)
+    save = _saver(out, figures)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -125,7 +117,7 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in curves:
-            start = r.get("accuracy_reconstructed", r.get("accuracy_recalibrated"))
+            start = _before_finetuning(r)
             ys = ([start] if start is not None else []) + r["finetune_curve"]
             xs = list(range(len(ys))) if start is not None else list(range(1, len(ys) + 1))
             ax.plot(xs, [100 * y for y in ys], "-o", label=f"{_label(r)} r={r['ratio']}")
@@ -135,6 +127,139 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
         ax.legend(fontsize=7)
         save(fig, "finetune.png", "Fine-tuning curves")
     return figures
+
+
+def _saver(out: Path, figures: list):
+    import matplotlib.pyplot as plt
+
+    def save(fig, name, title):
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        figures.append((name, title))
+    return save
+
+
+def baseline_line(ax, value, label="baseline"):
+    ax.axhline(value, color="black", lw=1, ls="--", label=label)
+
+
+def _before_finetuning(row: dict):
+    return row.get("accuracy_reconstructed", row.get("accuracy_recalibrated"))
+
+
+def accuracy_after(row: dict, epochs: int):
+    """Test accuracy after `epochs` fine-tuning epochs (0: before), read off the row's one run."""
+    if epochs == 0:
+        return _before_finetuning(row)
+    curve = row.get("finetune_curve") or []
+    return curve[epochs - 1] if len(curve) >= epochs else None
+
+
+def structural_pairs(rows: list[dict]) -> list[tuple[float, dict, dict]]:
+    """(ratio, method second's row, the L1 peer's row) wherever both were swept."""
+    peers = {r["ratio"]: r for r in rows if r["method"] == "l1"}
+    return [(r["ratio"], r, peers[r["ratio"]]) for r in rows if r["method"] == "second" and r["ratio"] in peers]
+
+
+def size_rows(rows: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The int8 size peer's row and method first's rows (float and int8 centroids)."""
+    peer = next((r for r in rows if r["method"] == INT8_PEER), None)
+    return peer, [r for r in rows if r["method"] == "first"]
+
+
+def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if r["method"] == "baseline")
+    figures = []
+    save = _saver(out, figures)
+    pairs = structural_pairs(rows)
+    if pairs:
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.2), squeeze=False)
+        for ax, (ratio, second, l1) in zip(axes[0], pairs):
+            for row, label in ((second, "method second"), (l1, "L1 pruning (Torch-Pruning)")):
+                pts = [(e, 100 * a) for e in range(len(row["finetune_curve"]) + 1)
+                       if (a := accuracy_after(row, e)) is not None]
+                ax.plot(*zip(*pts), "-o", label=label)
+            baseline_line(ax, 100 * base["accuracy"])
+            ax.set(xlabel="fine-tuning epochs (0: before fine-tuning)", ylabel="test accuracy (%)",
+                   title=f"ratio {ratio:g}, widths {'/'.join(map(str, second['inner_widths'][::len(second['inner_widths']) // 3]))}")
+            ax.legend(fontsize=7)
+        save(fig, "peer_structural.png", "Method second against L1-norm pruning")
+    peer, firsts = size_rows(rows)
+    if peer and firsts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for bits, label in ((None, "method first, float centroids"), (8, "method first, int8 centroids")):
+            series = sorted((r for r in firsts if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
+            if series:
+                ax.plot([r["model_bytes"] / 1e3 for r in series], [100 * r["accuracy"] for r in series], "-o", label=label)
+                for r in series:
+                    ax.annotate(f"r{r['ratio']:g}", (r["model_bytes"] / 1e3, 100 * r["accuracy"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, -10))
+        ax.plot([peer["model_bytes"] / 1e3], [100 * peer["accuracy"]], "s", color="red",
+                label="baseline, ONNX Runtime int8 weights")
+        ax.plot([base["model_bytes"] / 1e3], [100 * base["accuracy"]], "*", color="black", ms=12, label="baseline")
+        ax.set(xscale="log", xlabel="ONNX file size (kB, log scale)", ylabel="test accuracy (%)",
+               title="Accuracy against file size")
+        ax.legend(fontsize=7)
+        save(fig, "peer_size.png", "Method first against int8 quantization")
+    return figures
+
+
+def _peer_markdown(rows: list[dict]) -> str:
+    base = next(r for r in rows if r["method"] == "baseline")
+    lines = []
+    pairs = structural_pairs(rows)
+    if pairs:
+        lines += ["## Method second against L1-norm pruning", "",
+                  "The L1 peer (`--method l1`) prunes the same block-conv1 channels to the same widths with "
+                  "Torch-Pruning (smallest filter L1 norms go), then gets the same BN recalibration and the very "
+                  "same fine-tuning (schedule, epochs, learning rate, distillation). Budgets 1, 3, 5 are the test "
+                  "accuracies after those epochs of one run of the stated schedule; 0 is before fine-tuning.", "",
+                  "| ratio | epochs | second | L1 peer | second - L1 (points) |", "|---|---|---|---|---|"]
+        behind = []
+        for ratio, second, l1 in pairs:
+            for epochs in sorted({0, 1, 3, 5, len(second["finetune_curve"])}):
+                a, b = accuracy_after(second, epochs), accuracy_after(l1, epochs)
+                if a is None or b is None:
+                    continue
+                lines.append(f"| {ratio:g} | {epochs} | {_pct(a)} | {_pct(b)} | {100 * (a - b):+.2f} |")
+                if a < b:
+                    behind.append(f"ratio {ratio:g} after {epochs} epochs")
+            lines.append(f"| {ratio:g} | ONNX Runtime | {_pct(second['accuracy'])} | {_pct(l1['accuracy'])} | "
+                         f"{100 * (second['accuracy'] - l1['accuracy']):+.2f} |")
+        lines += ["", "**Who wins:** " + ("method second is at least as accurate as the L1 peer at every budget "
+                                          "measured." if not behind else
+                                          "the L1 peer is ahead at " + ", ".join(behind) + "; method second "
+                                          "everywhere else."), ""]
+    peer, firsts = size_rows(rows)
+    if peer and firsts:
+        lines += ["## Method first against int8 weight quantization", "",
+                  "The size peer is ONNX Runtime's `quantize_dynamic` (int8 weights, activations quantized at run "
+                  "time, no fine-tuning) on the baseline ONNX file.", "",
+                  "| model | bytes | x base | accuracy | p50 b1 ms | speed-up b256 |", "|---|---|---|---|---|---|"]
+        for r in [peer] + sorted(firsts, key=lambda r: r["model_bytes"], reverse=True):
+            name = "baseline int8 (ONNX Runtime)" if r is peer else f"{_label(r)} r{r['ratio']:g}"
+            lines.append(f"| {name} | {r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
+                         f"{_pct(r['accuracy'])} | {r.get('p50_ms_b1', float('nan')):.3f} | "
+                         f"{r.get('speedup_b256', float('nan')):.2f} |")
+        wins = [r for r in firsts if r["model_bytes"] < peer["model_bytes"] and r["accuracy"] >= peer["accuracy"]]
+        smaller = [r for r in firsts if r["model_bytes"] < peer["model_bytes"]]
+        if wins:
+            verdict = ("method first wins at " + ", ".join(f"{_label(r)} r{r['ratio']:g}" for r in wins)
+                       + ": a smaller file at no worse accuracy, and the float runtime.")
+        elif smaller:
+            best = max(smaller, key=lambda r: r["accuracy"])
+            verdict = (f"the int8 peer wins on accuracy at its size: every smaller method-first file is less "
+                       f"accurate (best: {_label(best)} r{best['ratio']:g}, {_pct(best['accuracy'])}% in "
+                       f"{best['model_bytes']:,} bytes against {_pct(peer['accuracy'])}% in {peer['model_bytes']:,}).")
+        else:
+            verdict = "the int8 peer wins: no method-first file here is smaller."
+        lines += ["", f"**Who wins:** {verdict} The peer's speed is its weak side: its speed-up at batch 256 is "
+                  f"{peer.get('speedup_b256', float('nan')):.2f}x the float baseline.", ""]
+    return "\n".join(lines)
 
 
 def _mb(v):
@@ -154,21 +279,22 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              f"fine-tuning budget: {export['finetune_epochs']} epochs at peak lr {export['finetune_lr']}"
              f"{' with distillation from the original' if export['distill'] else ''}. Latency: ONNX Runtime CPU, "
              "median of interleaved repeats, speed-up against the baseline in the same run.", "",
-             "| method | ratio | widths | params | MACs (M) | bytes | x base | clustered | recon. | recal. | final | "
+             "| method | ratio | widths | params | MACs (M) | bytes | x base | compressed | recon. | recal. | final | "
              "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        w = r.get("inner_widths") if r["method"] == "second" else None
+        w = r.get("inner_widths") if r["method"] in ("second", "l1") else None
         widths = "/".join(str(w[i * len(w) // 3]) for i in range(3)) if w else ""  # first block per stage
         ideal = f"{r['ideal_speedup']:.2f}" if r.get("ideal_speedup") else ""
         lines.append(
             f"| {_label(r)} | {r['ratio']:g} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
             f"{r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
-            f"{_pct(r.get('accuracy_clustered'))} | {_pct(r.get('accuracy_reconstructed'))} | "
+            f"{_pct(r.get('accuracy_clustered', r.get('accuracy_pruned')))} | {_pct(r.get('accuracy_reconstructed'))} | "
             f"{_pct(r.get('accuracy_recalibrated'))} | {_pct(r['accuracy'])} | "
             f"{r.get('p50_ms_b1', float('nan')):.3f} | {r.get('p50_ms_b256', float('nan')):.2f} | "
             f"{r.get('speedup_b256', float('nan')):.2f} | {ideal} | {_mb(r.get('session_rss_bytes_b1'))} |")
-    lines += ["", "Accuracies in %; *final* is the exported ONNX file under ONNX Runtime, after fine-tuning. "
+    lines += ["", "Accuracies in %; *compressed*: right after clustering (first, second) or pruning (l1); "
+              "*final*: the exported ONNX file under ONNX Runtime, after fine-tuning. "
               "Method first saves bytes on disk, not RAM: ONNX Runtime materialises the full conv weights "
               "when it folds the Gather at load. Method second saves both.", ""]
     for name, title in plots:

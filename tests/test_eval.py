@@ -72,22 +72,31 @@ def test_corrupt_truncated_and_foreign_onnx(onnx_pair, tmp_path):
 
 
 def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, data_root):
-    args = ["sweep", "--method", "first", "--method", "second", "--ratios", "0.5", "--data", data_root,
+    args = ["sweep", "--method", "first", "--method", "second", "--method", "l1", "--ratios", "0.5", "--data", data_root,
             "--checkpoint", baseline_path, "--finetune-epochs", "1", "--train-limit", "128",
             "--test-limit", "100", "--repeats", "2", "--out", tmp_path / "report"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     report = tmp_path / "report"
     for name in ("report.md", "results.json", "results.csv", "accuracy.png", "size.png", "latency.png",
-                 "macs.png", "finetune.png"):
+                 "macs.png", "finetune.png", "peer_structural.png", "peer_size.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     rows = json.loads((report / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["baseline", "first", "second"]
+    # method first twice from one fine-tuned model (float, int8 centroids), then both peers
+    assert [(r["method"], r["centroid_bits"]) for r in rows] == [
+        ("baseline", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("l1", None), ("second", None)]
+    first, first_int8, int8_peer, l1, second = rows[1:]
+    assert first["finetune_curve"] == first_int8["finetune_curve"]  # the same model, quantized
+    assert first_int8["model_bytes"] < 0.5 * first["model_bytes"]
+    assert int8_peer["model_bytes"] < 0.35 * rows[0]["model_bytes"]
+    assert l1["inner_widths"] == second["inner_widths"] and l1["macs"] == second["macs"]
     with open(report / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [float(r["accuracy"]) for r in table] == [r["accuracy"] for r in rows]
-    assert all(r["test_images"] == 100 and len(r["finetune_curve"]) == (r["method"] != "baseline") for r in rows)
+    assert all(r["test_images"] == 100 and len(r["finetune_curve"]) == (r["method"] not in ("baseline", "int8-dynamic"))
+               for r in rows)
     text = (report / "report.md").read_text()
     assert all(f"{r['model_bytes']:,}" in text for r in rows)
+    assert text.count("**Who wins:**") == 2
     again = run_cli(*args)
-    assert again.returncode == 0 and again.stdout.count("already done, skipped") == 3
+    assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4

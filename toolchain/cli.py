@@ -113,8 +113,9 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["first", "second", "none"]), default="first", show_default=True,
-              help="first: shared centroid filters; second: smaller residual blocks; none: the model as is.")
+@click.option("--method", type=click.Choice(["first", "second", "l1", "none"]), default="first", show_default=True,
+              help="first: shared centroid filters; second: smaller residual blocks; l1: the peer of second "
+                   "(Torch-Pruning L1-norm pruning to second's widths, needs the peers extra); none: the model as is.")
 @click.option("--ratio", type=Ratio(), default=0.5, show_default=True,
               help="Fraction of filters removed from each clustered layer (0.5 keeps half).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
@@ -186,22 +187,23 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 
 
 @cli.command()
-@click.option("--method", "methods", type=click.Choice(["first", "second"]), multiple=True, default=["first"],
-              show_default=True, help="Method to sweep; repeat to sweep both into one report.")
+@click.option("--method", "methods", type=click.Choice(["first", "second", "l1"]), multiple=True, default=["first"],
+              show_default=True, help="Method to sweep; repeat to sweep several into one report. first is exported "
+                                      "with float and int8 centroids beside ONNX Runtime's int8 quantization of the "
+                                      "baseline; l1 is method second's peer (Torch-Pruning, peers extra).")
 @click.option("--ratios", default="0.25,0.5,0.75,0.9", show_default=True, help="Comma-separated ratios.")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
 @click.option("--arch", help="Architecture, where the checkpoint does not record it.")
 @click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
-@click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: int8 centroids.")
-@click.option("--round-to", type=click.IntRange(1), help="Method second: channel multiple of kept widths.")
+@click.option("--round-to", type=click.IntRange(1), help="Methods second and l1: channel multiple of kept widths.")
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
-def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, centroid_bits, round_to,
+def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to,
           features, allocation, no_reconstruct, train_limit, test_limit, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
@@ -214,8 +216,7 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
     except click.BadParameter as exc:
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
     export_cfg = ExportConfig(checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
-                              finetune_lr=finetune_lr, centroid_bits=int(centroid_bits) if centroid_bits else None,
-                              round_to=round_to, train_limit=train_limit, test_limit=test_limit,
+                              finetune_lr=finetune_lr, round_to=round_to, train_limit=train_limit, test_limit=test_limit,
                               reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation})
     try:
         run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,

@@ -18,7 +18,8 @@ from .errors import ToolchainError
 from .models import count_macs, count_params
 from .training import TrainConfig, evaluate, fit, recalibrate_bn
 
-METHODS = ("first", "second", "none")
+METHODS = ("first", "second", "l1", "none")  # l1: the structural peer (Torch-Pruning), for comparison
+REFITS = ("first", "second")  # methods with a data-aware least-squares refit
 
 
 @dataclass
@@ -46,7 +47,7 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ToolchainError(f"unknown method {self.method!r}; choose first, second or none")
+            raise ToolchainError(f"unknown method {self.method!r}; choose first, second, l1 or none")
         if self.method != "none" and not 0 < self.ratio < 1:
             raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
         if self.finetune_epochs < 0:
@@ -95,7 +96,11 @@ def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict
         return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **cfg.method_options))
     from .methods.second import SecondConfig, apply_second, cpu_channel_block
     round_to = cfg.round_to or cpu_channel_block()
-    model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to))
+    if cfg.method == "second":
+        model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to))
+    else:
+        from .methods.l1_peer import L1Config, apply_l1
+        model, info = apply_l1(model, L1Config(ratio=cfg.ratio, round_to=round_to))
     info["round_to"] = round_to
     return model, info
 
@@ -123,25 +128,27 @@ def _quiet(_line) -> None:
     pass
 
 
-def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1):
-    """The whole export pipeline; returns export.onnx_export.ExportResult.
-
-    Under torchrun every process compresses the same model and fine-tunes on its shard;
-    rank 0 alone exports (the others return None).
-    """
-    if rank != 0:
-        log = _quiet
-    from export.manifest import versions
-    from export.onnx_export import check_output_path, export_onnx
-
-    from .io import sha256_of
-
-    t0 = time.perf_counter()
+def load_source(cfg: ExportConfig) -> tuple[Checkpoint, Path]:
+    """The checkpoint to compress (the shipped baseline unless cfg names one) and its path."""
     source = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
-    out = check_output_path(cfg.out) if cfg.out else None  # a bad path fails before any slow work
-    ckpt = load_checkpoint(source, cfg.arch)
+    return load_checkpoint(source, cfg.arch), source
+
+
+@dataclass
+class Compressed:
+    """A compressed (and, with data, refit and fine-tuned) model ready to export."""
+    model: torch.nn.Module
+    ckpt: Checkpoint
+    source: Path
+    data: Data | None
+    info: dict
+    accuracy: dict
+
+
+def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, log=print,
+                      rank: int = 0, world_size: int = 1) -> Compressed:
+    """Compress, then with data: refit (or recalibrate) and fine-tune, measuring each stage."""
     data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
-    out = out or check_output_path(cfg.default_out(ckpt.arch))
     model, info = compress(cfg, ckpt)
     accuracy = {}
     if data is not None and cfg.method != "none":
@@ -151,13 +158,13 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
             accuracy[stage] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
             log(f"accuracy {stage}: {accuracy[stage]:.4f}")
 
-        measure("clustered")
-        if cfg.reconstruct:
+        measure("clustered" if cfg.method in REFITS else "pruned")
+        refit = cfg.reconstruct and cfg.method in REFITS
+        if refit:
             info["reconstruction"] = reconstruct(model, ckpt, data, cfg)
         # After a refit the statistics move to the data while the function is kept (see recalibrate_bn).
-        recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std,
-                       keep_outputs=cfg.reconstruct)
-        measure("reconstructed" if cfg.reconstruct else "recalibrated")
+        recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std, keep_outputs=refit)
+        measure("reconstructed" if refit else "recalibrated")
         if cfg.finetune_epochs:
             info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log, rank, world_size)
             accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
@@ -166,20 +173,33 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
     if data is None and cfg.method != "none":
         log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
             "BN recalibration or fine-tuning")
-    if rank != 0:
-        return None  # the model is the same in every process; rank 0 writes it
+    return Compressed(model, ckpt, source, data, info, accuracy)
+
+
+def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
+    """Write `c` to ONNX with its manifest (centroids quantized first if cfg asks; `c` is kept)."""
+    from export.manifest import versions
+    from export.onnx_export import export_onnx
+
+    from .io import sha256_of
+
+    model, info, accuracy = c.model, dict(c.info), dict(c.accuracy)
     if cfg.method == "first" and cfg.centroid_bits:
+        import copy
+
         from .methods.first import quantize_centroids
+        model = copy.deepcopy(model)
         info["centroid_bits"] = cfg.centroid_bits
         quantize_centroids(model, cfg.centroid_bits)
-        if data is not None:
-            accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        if c.data is not None:
+            accuracy["quantized"] = evaluate(model, c.data.test, mean=c.ckpt.mean, std=c.ckpt.std)
     model.eval()
+    ckpt, data = c.ckpt, c.data
     manifest = {
         "method": cfg.method, "ratio": None if cfg.method == "none" else cfg.ratio,
         "arch": ckpt.arch, "classes": list(ckpt.classes),
         "normalization": {"mean": list(ckpt.mean), "std": list(ckpt.std)},
-        "source_checkpoint": {"path": str(source), "sha256": sha256_of(source)},
+        "source_checkpoint": {"path": str(c.source), "sha256": sha256_of(c.source)},
         "params": count_params(model), "macs": count_macs(model),
         "baseline": {"params": count_params(ckpt.model), "macs": count_macs(ckpt.model)},
         "accuracy": accuracy or None, "test_images": len(data.test) if data else 0,
@@ -190,5 +210,27 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
     result = export_onnx(model, out, manifest, check_inputs(ckpt, data),
                          keep_structure=cfg.method == "first")
     log(f"wrote {out} ({result.manifest['model_bytes']:,} bytes); ONNX Runtime vs PyTorch "
-        f"max abs difference {result.max_abs_diff:.2e}; {time.perf_counter() - t0:.1f}s")
+        f"max abs difference {result.max_abs_diff:.2e}")
+    return result
+
+
+def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1):
+    """The whole export pipeline; returns export.onnx_export.ExportResult.
+
+    Under torchrun every process compresses the same model and fine-tunes on its shard;
+    rank 0 alone exports (the others return None).
+    """
+    if rank != 0:
+        log = _quiet
+    from export.onnx_export import check_output_path
+
+    t0 = time.perf_counter()
+    out = check_output_path(cfg.out) if cfg.out else None  # a bad path fails before any slow work
+    ckpt, source = load_source(cfg)
+    out = out or check_output_path(cfg.default_out(ckpt.arch))
+    compressed = compress_and_tune(cfg, ckpt, source, log, rank, world_size)
+    if rank != 0:
+        return None  # the model is the same in every process; rank 0 writes it
+    result = export_compressed(compressed, cfg, out, log)
+    log(f"export done in {time.perf_counter() - t0:.1f}s")
     return result

@@ -59,13 +59,13 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
     return earlier.get("rows", [])
 
 
-def _row(result, cfg: ExportConfig, onnx_eval: dict) -> dict:
-    m = result.manifest
+def _row(path, manifest: dict, identity: dict, onnx_eval: dict) -> dict:
+    m = manifest
     acc = m.get("accuracy") or {}
-    return {**_identity(cfg),
-            "file": str(result.path), "params": m["params"], "macs": m["macs"],
+    return {**identity,
+            "file": str(path), "params": m["params"], "macs": m["macs"],
             "model_bytes": m["model_bytes"], "gzip_bytes": m["gzip_bytes"],
-            "inner_widths": m.get("inner_widths"), "finetune_epochs": m["finetune_epochs"],
+            "inner_widths": m.get("inner_widths"), "finetune_epochs": m.get("finetune_epochs", 0),
             **{f"accuracy_{stage}": value for stage, value in acc.items()},
             "accuracy": onnx_eval["accuracy"], "test_images": onnx_eval["images"],
             "finetune_curve": [r["test_accuracy"] for r in m.get("finetune_history", [])],
@@ -85,13 +85,26 @@ def _ideal_speedup(manifest: dict) -> float | None:
     return manifest["baseline"]["macs"] / count_macs(build_model(manifest["arch"], inner_widths=padded))
 
 
+def _variants(cfg: ExportConfig) -> list[ExportConfig]:
+    """The files one compressed model gives: method first with float and with int8 centroids."""
+    if cfg.method == "first":
+        return [replace(cfg, centroid_bits=None), replace(cfg, centroid_bits=8)]
+    return [cfg]
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
-    """Export and evaluate every (method, ratio), then benchmark and write the report."""
+    """Export and evaluate every (method, ratio), then benchmark and write the report.
+
+    Method first is exported twice from the same fine-tuned model (float and int8 centroids);
+    when it is swept, ONNX Runtime's int8 quantization of the baseline is added as its size peer.
+    """
     from eval.accuracy import evaluate_onnx
     from eval.bench import BenchConfig, bench
     from eval.report import write_report
+    from export.int8_peer import METHOD as INT8_PEER
+    from export.int8_peer import quantize_int8
 
-    from .pipeline import load_data
+    from .pipeline import compress_and_tune, export_compressed, load_data, load_source
 
     out = Path(cfg.out)
     results_path = out / "results.json"
@@ -101,19 +114,33 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     data = load_data(cfg.export.data, cfg.export.train_limit, cfg.export.test_limit, cfg.export.seed)
     if data is None:
         raise ToolchainError("a sweep measures accuracy: give --data or set CIFAR10_ROOT")
+    ckpt, source = load_source(cfg.export)
+
+    def add(path, manifest, identity):
+        rows.append(_row(path, manifest, identity, evaluate_onnx(path, data.test)))
+        done.add(_key(identity))
+        write_json(results_path, {"config": _config_record(cfg), "rows": rows})
+
     plan = [replace(cfg.export, method="none", finetune_epochs=0)] + [
         replace(cfg.export, method=m, ratio=r) for m in cfg.methods for r in cfg.ratios]
     for export_cfg in plan:
-        export_cfg = replace(export_cfg, out=str(out / "models" / f"{export_cfg.tag()}.onnx"))
-        probe = _identity(export_cfg)
-        if _key(probe) in done:
-            log(f"{_key(probe)}: already done, skipped")
+        pending = [v for v in _variants(export_cfg) if _key(_identity(v)) not in done]
+        if not pending:
+            log(f"{_key(_identity(export_cfg))}: already done, skipped")
             continue
-        log(f"== {probe['method']} ratio {probe['ratio']}")
-        result = run_export(export_cfg, log=log)
-        rows.append(_row(result, export_cfg, evaluate_onnx(result.path, data.test)))
-        write_json(results_path, {"config": _config_record(cfg), "rows": rows})
-    rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], r["ratio"]))
+        log(f"== {_identity(export_cfg)['method']} ratio {export_cfg.ratio}")
+        compressed = compress_and_tune(export_cfg, ckpt, source, log)
+        for variant in pending:
+            path = out / "models" / f"{variant.tag()}.onnx"
+            result = export_compressed(compressed, replace(variant, out=str(path)), path, log)
+            add(path, result.manifest, _identity(variant))
+    peer = {"method": INT8_PEER, "ratio": 0.0, "centroid_bits": None}
+    if "first" in cfg.methods and _key(peer) not in done:
+        log("== size peer: ONNX Runtime int8 weight quantization of the baseline")
+        baseline = next(r["file"] for r in rows if r["method"] == "baseline")
+        path = out / "models" / f"{INT8_PEER}.onnx"
+        add(path, quantize_int8(baseline, path), peer)
+    rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], r["ratio"], r.get("centroid_bits") or 0))
     log("benchmarking all models, interleaved with the baseline")
     latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
     for r in rows:
@@ -130,5 +157,6 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 
 def _config_record(cfg: SweepConfig) -> dict:
     record = asdict(cfg)
-    record["export"] = {k: v for k, v in record["export"].items() if k not in ("out", "method", "ratio")}
+    record["export"] = {k: v for k, v in record["export"].items()
+                        if k not in ("out", "method", "ratio", "centroid_bits")}
     return record

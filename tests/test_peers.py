@@ -1,0 +1,76 @@
+"""The peers the report compares against: L1-norm pruning (Torch-Pruning) and ONNX Runtime int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.int8_peer import quantize_int8
+from export.manifest import read_metadata
+from toolchain.errors import ToolchainError
+from toolchain.methods.l1_peer import L1Config, apply_l1
+from toolchain.methods.second import SecondConfig, apply_second
+from toolchain.pipeline import ExportConfig, run_export
+
+
+@pytest.mark.parametrize("ratio, round_to", [(0.5, 1), (0.8, 1), (0.5, 8)])
+def test_l1_peer_keeps_the_largest_filters_at_method_seconds_widths(baseline, ratio, round_to):
+    model = baseline.model
+    pruned, info = apply_l1(model, L1Config(ratio=ratio, round_to=round_to))
+    _, second = apply_second(model, SecondConfig(ratio=ratio, round_to=round_to, n_init=1))
+    assert info["inner_widths"] == second["inner_widths"]
+    for old, new in zip(model.blocks(), pruned.blocks()):
+        norms = old.conv1.weight.abs().sum((1, 2, 3))
+        kept = norms.argsort(descending=True)[: new.conv1.out_channels].sort().values
+        assert torch.equal(new.conv1.weight, old.conv1.weight[kept])  # the largest L1 norms, unchanged
+        assert torch.equal(new.bn1.running_var, old.bn1.running_var[kept])
+        assert torch.equal(new.conv2.weight, old.conv2.weight[:, kept])
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_l1_peer_exports_and_recalibration_recovers_accuracy_on_real_images(baseline_path, data_root, tmp_path):
+    from eval.accuracy import evaluate_onnx
+    from toolchain.data import load_split
+
+    out = tmp_path / "l1.onnx"
+    result = run_export(ExportConfig(method="l1", ratio=0.5, round_to=1, checkpoint=str(baseline_path),
+                                     data=str(data_root), finetune_epochs=0, test_limit=1000, out=str(out)),
+                        log=print)
+    accuracy = result.manifest["accuracy"]
+    assert set(accuracy) == {"pruned", "recalibrated"}  # no least-squares step for the peer
+    assert accuracy["recalibrated"] > accuracy["pruned"] + 0.1  # BN statistics matter after pruning
+    assert result.manifest["inner_widths"] == [8, 8, 8, 16, 16, 16, 32, 32, 32]
+    onnx_eval = evaluate_onnx(out, load_split(data_root, "test").subset(1000))
+    assert abs(onnx_eval["accuracy"] - accuracy["recalibrated"]) <= 0.002  # ONNX Runtime = PyTorch
+
+
+def test_int8_peer_is_a_quarter_of_the_bytes_at_the_baselines_accuracy(baseline_path, data_root, tmp_path):
+    from eval.accuracy import evaluate_onnx
+    from toolchain.data import load_split
+
+    base = run_export(ExportConfig(method="none", checkpoint=str(baseline_path), data=str(data_root),
+                                   test_limit=10, out=str(tmp_path / "base.onnx")), log=print)
+    manifest = quantize_int8(base.path, tmp_path / "int8.onnx")
+    assert manifest["method"] == "int8-dynamic" and manifest["normalization"] == base.manifest["normalization"]
+    assert read_metadata(onnx.load(str(tmp_path / "int8.onnx")))["method"] == "int8-dynamic"
+    assert manifest["model_bytes"] < 0.3 * base.manifest["model_bytes"]
+    split = load_split(data_root, "test").subset(1000)
+    float_acc = evaluate_onnx(base.path, split)["accuracy"]
+    int8_acc = evaluate_onnx(tmp_path / "int8.onnx", split)["accuracy"]
+    assert abs(int8_acc - float_acc) <= 0.01
+
+
+def test_int8_peer_refuses_a_foreign_file_and_writes_nothing(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel())
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w]),
+                                opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ToolchainError, match="not written by this toolchain"):
+        quantize_int8(foreign, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
