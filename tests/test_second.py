@@ -84,3 +84,17 @@ def test_least_squares_helps_on_held_out_real_images(baseline, train_split, test
     after = block_errors(pruned, baseline.model, held_out)
     assert all(a < b for a, b in zip(after, before)), (before, after)
     assert evaluate(pruned, test_split.subset(1000)) > merged_accuracy + 0.2
+
+
+@pytest.mark.parametrize("keep", ["medoid", "largest"])
+def test_members_kept_are_original_filters(keep):
+    model = random_resnet20()
+    pruned, info = apply_second(model, SecondConfig(ratio=0.5, keep=keep))
+    assert info["keep"] == keep
+    for old, new in zip(model.blocks(), pruned.blocks()):
+        scale = old.bn1.weight / torch.sqrt(old.bn1.running_var + old.bn1.eps)
+        folded = (old.conv1.weight * scale.view(-1, 1, 1, 1)).flatten(1)
+        distances = torch.cdist(new.conv1.weight.detach().flatten(1), folded,
+                                compute_mode="donot_use_mm_for_euclid_dist")
+        assert distances.min(1).values.max() < 1e-5  # every kept filter is one of the originals
+        assert len(set(distances.argmin(1).tolist())) == new.conv1.out_channels

@@ -43,6 +43,10 @@ def compression_options(command):
         help="Skip the least-squares refit on calibration images (method first: centroids; second: each "
              "block's conv2) and only recalibrate BatchNorm statistics.")(command)
     command = click.option(
+        "--keep", type=click.Choice(["medoid", "centroid", "largest"]), default="medoid", show_default=True,
+        help="Method second: what stands for each cluster in conv1: the member closest to the centroid, "
+             "the centroid itself, or the member with the largest L1 norm.")(command)
+    command = click.option(
         "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
         help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)
     return click.option(
@@ -134,12 +138,12 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
-           features, allocation, no_reconstruct, round_to, seed, train_limit, test_limit, out, json_out):
+           features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
 
-    options = {"features": features, "allocation": allocation} if method == "first" else {}
+    options = {"features": features, "allocation": allocation, "keep": keep}
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
@@ -204,7 +208,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to,
-          features, allocation, no_reconstruct, train_limit, test_limit, repeats, out):
+          features, allocation, keep, no_reconstruct, train_limit, test_limit, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""
@@ -217,7 +221,7 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
     export_cfg = ExportConfig(checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
                               finetune_lr=finetune_lr, round_to=round_to, train_limit=train_limit, test_limit=test_limit,
-                              reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation})
+                              reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
     try:
         run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,
                               export=export_cfg, repeats=repeats), log=click.echo)

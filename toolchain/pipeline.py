@@ -84,6 +84,13 @@ def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tens
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def _options_for(config_class, cfg: ExportConfig) -> dict:
+    """The method options (CLI: --features, --allocation, --keep) that a method's config takes."""
+    from dataclasses import fields
+    names = {f.name for f in fields(config_class)}
+    return {k: v for k, v in cfg.method_options.items() if k in names}
+
+
 def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict]:
     """Apply the configured method to a copy of the model; returns it and what was done."""
     import copy
@@ -93,11 +100,12 @@ def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict
     model = ckpt.model.eval()  # the methods work on a copy
     if cfg.method == "first":
         from .methods.first import FirstConfig, apply_first
-        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **cfg.method_options))
+        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **_options_for(FirstConfig, cfg)))
     from .methods.second import SecondConfig, apply_second, cpu_channel_block
     round_to = cfg.round_to or cpu_channel_block()
     if cfg.method == "second":
-        model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to))
+        model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to,
+                                                       **_options_for(SecondConfig, cfg)))
     else:
         from .methods.l1_peer import L1Config, apply_l1
         model, info = apply_l1(model, L1Config(ratio=cfg.ratio, round_to=round_to))

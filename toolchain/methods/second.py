@@ -1,9 +1,10 @@
-"""Method second: each residual block's first conv keeps only centroid filters.
+"""Method second: each residual block's first conv keeps one filter per cluster of its filters.
 
 Per block: fold BN1 into conv1, cluster the rows [filter, bias] with K-Means, keep one
-filter per cluster (the centroid), and give conv2 one input channel per cluster: the
-**sum** of its members' input slices (exact when the members are identical). The
-result is a plain, smaller CifarResNet (narrower blocks), no masks or gathers.
+filter per cluster (by default its medoid, the member closest to the centroid: an original
+feature, which reconstructs better than the centroid), and give conv2 one input channel per
+cluster: the **sum** of its members' input slices (exact when the members are identical).
+The result is a plain, smaller CifarResNet (narrower blocks), no masks or gathers.
 
 With calibration images, `reconstruct` then refits each block's conv2 by ridge least
 squares so that, fed by the compressed network so far, it reproduces the original
@@ -27,15 +28,23 @@ from ..least_squares import batched, relative_error, solve_conv_weight
 from ..models import BasicBlock, CifarResNet, bn_scale
 
 
+KEEP = ("centroid", "medoid", "largest")
+
+
 @dataclass
 class SecondConfig:
     ratio: float = 0.5
     seed: int = 0
     n_init: int = 4
     round_to: int = 1  # round each kept width up to a multiple of this (CPU channel blocks)
+    # What stands for a cluster in conv1: its centroid (mean of the members), its medoid (the member
+    # closest to the centroid) or its largest member (L1 norm). A member keeps an original feature.
+    keep: str = "medoid"
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
+        if self.keep not in KEEP:
+            raise ConfigError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
 
@@ -74,14 +83,25 @@ def _set_affine(bn: nn.BatchNorm2d, shift: torch.Tensor, mean: torch.Tensor | No
     bn.bias.data.copy_(mean + shift)
 
 
+def _representatives(rows: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor,
+                     keep: str) -> torch.Tensor:
+    """One row per cluster: the centroid, or the member chosen by `keep` (see SecondConfig)."""
+    if keep == "centroid":
+        return centroids
+    score = -(rows - centroids[assignment]).pow(2).sum(1) if keep == "medoid" else rows[:, :-1].abs().sum(1)
+    chosen = [int(torch.nonzero(assignment == c).flatten()[score[assignment == c].argmax()])
+              for c in range(len(centroids))]
+    return rows[chosen]
+
+
 @torch.no_grad()
 def shrink_block(block: BasicBlock, k: int, cfg: SecondConfig) -> tuple[BasicBlock, dict]:
     """A new block whose conv1 keeps k centroid filters and whose conv2 sums the merged inputs."""
     weight, bias = _folded_conv1(block)
     rows = torch.cat([weight.flatten(1), bias[:, None]], 1).numpy()
     result = kmeans(rows, k, cfg.seed, cfg.n_init)
-    centroids = torch.from_numpy(result.centroids)
     assignment = torch.from_numpy(result.assignment)
+    centroids = _representatives(torch.from_numpy(rows), assignment, torch.from_numpy(result.centroids), cfg.keep)
     k = len(centroids)
     new = BasicBlock(block.conv1.in_channels, block.conv2.out_channels, block.conv1.stride[0], k)
     new.conv1.weight.copy_(centroids[:, :-1].view(k, *weight.shape[1:]))
@@ -103,7 +123,7 @@ def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, di
             k = kept_width(block.conv1.out_channels, cfg.ratio, cfg.round_to)
             stage[i], record = shrink_block(block, k, cfg)
             blocks.append(record)
-    return model, {"blocks": blocks, "inner_widths": model.inner_widths()}
+    return model, {"blocks": blocks, "inner_widths": model.inner_widths(), "keep": cfg.keep}
 
 
 def _fold_bn_scale(block: BasicBlock) -> torch.Tensor:
