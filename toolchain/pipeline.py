@@ -153,10 +153,9 @@ class Compressed:
     accuracy: dict
 
 
-def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, log=print,
+def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: Data | None, log=print,
                       rank: int = 0, world_size: int = 1) -> Compressed:
     """Compress, then with data: refit (or recalibrate) and fine-tune, measuring each stage."""
-    data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
     model, info = compress(cfg, ckpt)
     accuracy = {}
     if data is not None and cfg.method != "none":
@@ -191,7 +190,7 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
 
     from .io import sha256_of
 
-    model, info, accuracy = c.model, dict(c.info), dict(c.accuracy)
+    model, info, accuracy, ckpt, data = c.model, dict(c.info), dict(c.accuracy), c.ckpt, c.data
     if cfg.method == "first" and cfg.centroid_bits:
         import copy
 
@@ -199,10 +198,9 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
         model = copy.deepcopy(model)
         info["centroid_bits"] = cfg.centroid_bits
         quantize_centroids(model, cfg.centroid_bits)
-        if c.data is not None:
-            accuracy["quantized"] = evaluate(model, c.data.test, mean=c.ckpt.mean, std=c.ckpt.std)
+        if data is not None:
+            accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
     model.eval()
-    ckpt, data = c.ckpt, c.data
     manifest = {
         "method": cfg.method, "ratio": None if cfg.method == "none" else cfg.ratio,
         "arch": ckpt.arch, "classes": list(ckpt.classes),
@@ -236,7 +234,8 @@ def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1)
     out = check_output_path(cfg.out) if cfg.out else None  # a bad path fails before any slow work
     ckpt, source = load_source(cfg)
     out = out or check_output_path(cfg.default_out(ckpt.arch))
-    compressed = compress_and_tune(cfg, ckpt, source, log, rank, world_size)
+    data = load_data(cfg.data, cfg.train_limit, cfg.test_limit, cfg.seed)
+    compressed = compress_and_tune(cfg, ckpt, source, data, log, rank, world_size)
     if rank != 0:
         return None  # the model is the same in every process; rank 0 writes it
     result = export_compressed(compressed, cfg, out, log)

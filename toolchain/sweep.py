@@ -129,10 +129,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             log(f"{_key(_identity(export_cfg))}: already done, skipped")
             continue
         log(f"== {_identity(export_cfg)['method']} ratio {export_cfg.ratio}")
-        compressed = compress_and_tune(export_cfg, ckpt, source, log)
+        compressed = compress_and_tune(export_cfg, ckpt, source, data, log)
         for variant in pending:
             path = out / "models" / f"{variant.tag()}.onnx"
-            result = export_compressed(compressed, replace(variant, out=str(path)), path, log)
+            result = export_compressed(compressed, variant, path, log)
             add(path, result.manifest, _identity(variant))
     peer = {"method": INT8_PEER, "ratio": 0.0, "centroid_bits": None}
     if "first" in cfg.methods and _key(peer) not in done:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ToolchainError
 from ..models import CifarResNet
-from .second import kept_width
+from .second import SecondConfig, kept_width
 
 
 @dataclass
@@ -27,7 +27,7 @@ class L1Config:
     round_to: int = 1  # as method second: the kept widths are the same
 
     def __post_init__(self):
-        kept_width(16, self.ratio, max(1, self.round_to))  # validates the ratio
+        SecondConfig(ratio=self.ratio, round_to=self.round_to)  # the same checks as method second
 
 
 def _torch_pruning():

@@ -96,7 +96,7 @@ def _representatives(rows: torch.Tensor, assignment: torch.Tensor, centroids: to
 
 @torch.no_grad()
 def shrink_block(block: BasicBlock, k: int, cfg: SecondConfig) -> tuple[BasicBlock, dict]:
-    """A new block whose conv1 keeps k centroid filters and whose conv2 sums the merged inputs."""
+    """A new block whose conv1 keeps one filter per cluster (cfg.keep) and whose conv2 sums the merged inputs."""
     weight, bias = _folded_conv1(block)
     rows = torch.cat([weight.flatten(1), bias[:, None]], 1).numpy()
     result = kmeans(rows, k, cfg.seed, cfg.n_init)
