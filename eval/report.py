@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolchain.io import atomic_path
 
-COLUMNS = ["method", "ratio", "centroid_bits", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
+COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
            "accuracy_quantized",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
@@ -36,8 +36,14 @@ def _csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("/".join(map(str, r[k])) if isinstance(r.get(k), list) else r.get(k)) for k in COLUMNS})
+        writer.writerow({k: ("/".join(map(str, r[k])) if isinstance(r.get(k), list) else r.get(k)) for k in COLUMNS}
+                        | {"options": _options(r)})
     return buf.getvalue()
+
+
+def _options(row: dict) -> str:
+    """The method options a row was made with, e.g. keep=salient."""
+    return " ".join(f"{k}={v}" for k, v in sorted((row.get("options") or {}).items()))
 
 
 def _label(row: dict) -> str:
@@ -279,15 +285,15 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              f"fine-tuning budget: {export['finetune_epochs']} epochs at peak lr {export['finetune_lr']}"
              f"{' with distillation from the original' if export['distill'] else ''}. Latency: ONNX Runtime CPU, "
              "median of interleaved repeats, speed-up against the baseline in the same run.", "",
-             "| method | ratio | widths | params | MACs (M) | bytes | x base | compressed | recon. | recal. | final | "
+             "| method | ratio | options | widths | params | MACs (M) | bytes | x base | compressed | recon. | recal. | final | "
              "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r.get("inner_widths") if r["method"] in ("second", "l1") else None
         widths = "/".join(str(w[i * len(w) // 3]) for i in range(3)) if w else ""  # first block per stage
         ideal = f"{r['ideal_speedup']:.2f}" if r.get("ideal_speedup") else ""
         lines.append(
-            f"| {_label(r)} | {r['ratio']:g} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
+            f"| {_label(r)} | {r['ratio']:g} | {_options(r)} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
             f"{r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
             f"{_pct(r.get('accuracy_clustered', r.get('accuracy_pruned')))} | {_pct(r.get('accuracy_reconstructed'))} | "
             f"{_pct(r.get('accuracy_recalibrated'))} | {_pct(r['accuracy'])} | "

@@ -100,3 +100,10 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert text.count("**Who wins:**") == 2
     again = run_cli(*args)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
+    # Another method-second option redoes that method's row alone, in place.
+    other = run_cli(*args, "--keep", "medoid")
+    assert other.returncode == 0 and other.stdout.count("already done, skipped") == 3, other.stderr
+    redone = json.loads((report / "results.json").read_text())["rows"]
+    assert [r["method"] for r in redone] == [r["method"] for r in rows]
+    assert redone[-1]["options"]["keep"] == "medoid" and rows[-1]["options"]["keep"] == "salient"
+    assert [(r["options"], r["accuracy"]) for r in redone[:-1]] == [(r["options"], r["accuracy"]) for r in rows[:-1]]

@@ -30,6 +30,18 @@ def test_l1_peer_keeps_the_largest_filters_at_method_seconds_widths(baseline, ra
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+def test_salient_clusters_keep_the_l1_peers_filters_and_merge_the_dropped_ones(baseline):
+    model = baseline.model
+    peer, _ = apply_l1(model, L1Config(ratio=0.5, round_to=1))
+    ours, info = apply_second(model, SecondConfig(ratio=0.5, round_to=1, keep="salient"))
+    assert info["keep"] == "salient" and info["inner_widths"] == peer.inner_widths()
+    for old, p, o in zip(model.blocks(), peer.blocks(), ours.blocks()):
+        torch.testing.assert_close(o.conv1.weight, p.conv1.weight)  # the same filters as the peer
+        # every original conv2 input slice lands in exactly one kept channel (summed), none is lost
+        torch.testing.assert_close(o.conv2.weight.sum(1), old.conv2.weight.sum(1))
+        assert not torch.allclose(o.conv2.weight, p.conv2.weight)
+
+
 def test_l1_peer_exports_and_recalibration_recovers_accuracy_on_real_images(baseline_path, data_root, tmp_path):
     from eval.accuracy import evaluate_onnx
     from toolchain.data import load_split

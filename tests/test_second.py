@@ -29,7 +29,8 @@ def test_round_to(ratio, round_to, width16):
     assert kept_width(16, ratio, round_to) == width16
 
 
-def test_duplicate_filters_merge_exactly():
+@pytest.mark.parametrize("keep", ["salient", "medoid", "centroid", "largest"])
+def test_duplicate_filters_merge_exactly(keep):
     model = random_resnet20()
     with torch.no_grad():
         for block in model.blocks():  # every filter of conv1 (and its BN) appears twice
@@ -37,7 +38,7 @@ def test_duplicate_filters_merge_exactly():
             block.conv1.weight[half:] = block.conv1.weight[:half]
             for t in (block.bn1.weight, block.bn1.bias, block.bn1.running_mean, block.bn1.running_var):
                 t[half:] = t[:half]
-    pruned, _ = apply_second(model, SecondConfig(ratio=0.5))
+    pruned, _ = apply_second(model, SecondConfig(ratio=0.5, keep=keep))
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(pruned(x), model(x), atol=1e-4, rtol=1e-4)
 
@@ -86,7 +87,7 @@ def test_least_squares_helps_on_held_out_real_images(baseline, train_split, test
     assert evaluate(pruned, test_split.subset(1000)) > merged_accuracy + 0.2
 
 
-@pytest.mark.parametrize("keep", ["medoid", "largest"])
+@pytest.mark.parametrize("keep", ["medoid", "largest", "salient"])
 def test_members_kept_are_original_filters(keep):
     model = random_resnet20().eval()
     pruned, info = apply_second(model, SecondConfig(ratio=0.5, keep=keep))
@@ -101,3 +102,15 @@ def test_members_kept_are_original_filters(keep):
         assert len(set(chosen.tolist())) == new.conv1.out_channels
         # ... and its BN1 channel computes what the original channel computed.
         torch.testing.assert_close(new.bn1(new.conv1(x)), old.bn1(old.conv1(x))[:, chosen], atol=1e-5, rtol=1e-5)
+
+
+def test_rescaled_filters_keep_the_function():
+    from toolchain.methods.second import _rescale_filters
+
+    block = random_resnet20().eval().layer2[1]
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    before = block(x)
+    norms = torch.rand(block.conv2.out_channels) + 0.1
+    _rescale_filters(block.conv2, block.bn2, norms)
+    torch.testing.assert_close(block.conv2.weight.flatten(1).norm(dim=1), norms)
+    torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-5)

@@ -43,9 +43,11 @@ def compression_options(command):
         help="Skip the least-squares refit on calibration images (method first: centroids; second: each "
              "block's conv2) and only recalibrate BatchNorm statistics.")(command)
     command = click.option(
-        "--keep", type=click.Choice(["medoid", "centroid", "largest"]), default="medoid", show_default=True,
-        help="Method second: what stands for each cluster in conv1: the member closest to the centroid, "
-             "the centroid itself, or the member with the largest L1 norm.")(command)
+        "--keep", type=click.Choice(["salient", "medoid", "centroid", "largest"]), default="salient",
+        show_default=True,
+        help="Method second: salient: the conv1 filters of largest L1 norm are the clusters' centres and "
+             "every other filter joins the nearest; or K-Means clusters, each kept as the member closest to "
+             "its centroid (medoid), the centroid itself, or its member with the largest L1 norm.")(command)
     command = click.option(
         "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
         help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)

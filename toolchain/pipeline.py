@@ -84,11 +84,16 @@ def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tens
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def _options_for(config_class, cfg: ExportConfig) -> dict:
-    """The method options (CLI: --features, --allocation, --keep) that a method's config takes."""
+def method_options(method: str, options: dict) -> dict:
+    """The method options (CLI: --features, --allocation, --keep) that `method`'s config takes."""
     from dataclasses import fields
-    names = {f.name for f in fields(config_class)}
-    return {k: v for k, v in cfg.method_options.items() if k in names}
+
+    from .methods.first import FirstConfig
+    from .methods.l1_peer import L1Config
+    from .methods.second import SecondConfig
+    config_class = {"first": FirstConfig, "second": SecondConfig, "l1": L1Config}.get(method)
+    names = {f.name for f in fields(config_class)} if config_class else set()
+    return {k: v for k, v in options.items() if k in names}
 
 
 def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict]:
@@ -98,14 +103,15 @@ def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict
     if cfg.method == "none":
         return copy.deepcopy(ckpt.model).eval(), {}
     model = ckpt.model.eval()  # the methods work on a copy
+    options = method_options(cfg.method, cfg.method_options)
     if cfg.method == "first":
         from .methods.first import FirstConfig, apply_first
-        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **_options_for(FirstConfig, cfg)))
+        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **options))
     from .methods.second import SecondConfig, apply_second, cpu_channel_block
     round_to = cfg.round_to or cpu_channel_block()
     if cfg.method == "second":
         model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to,
-                                                       **_options_for(SecondConfig, cfg)))
+                                                       **options))
     else:
         from .methods.l1_peer import L1Config, apply_l1
         model, info = apply_l1(model, L1Config(ratio=cfg.ratio, round_to=round_to))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import ToolchainError
 from .io import write_json
-from .pipeline import ExportConfig, run_export
+from .pipeline import ExportConfig, method_options, run_export
 
 
 @dataclass
@@ -30,16 +30,24 @@ class SweepConfig:
             self.export = ExportConfig()
 
 
-def _key(row: dict) -> str:
+def _slot(row: dict) -> str:
+    """Which model a row is for (and so which file it writes)."""
     return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}"
 
 
+def _key(row: dict) -> str:
+    """A row's slot and the method options it was made with: another option redoes just that row."""
+    return _slot(row) + "@" + json.dumps(row.get("options", {}), sort_keys=True)
+
+
 def _identity(cfg: ExportConfig) -> dict:
-    """What a row is: method (baseline for none), ratio, centroid bits (method first only)."""
+    """What a row is: method (baseline for none), ratio, centroid bits (method first only),
+    and the method's own options (--features, --keep, ...)."""
     if cfg.method == "none":
-        return {"method": "baseline", "ratio": 0.0, "centroid_bits": None}
+        return {"method": "baseline", "ratio": 0.0, "centroid_bits": None, "options": {}}
     return {"method": cfg.method, "ratio": cfg.ratio,
-            "centroid_bits": cfg.centroid_bits if cfg.method == "first" else None}
+            "centroid_bits": cfg.centroid_bits if cfg.method == "first" else None,
+            "options": method_options(cfg.method, cfg.method_options)}
 
 
 def _load_rows(path: Path, config: dict) -> list[dict]:
@@ -50,13 +58,17 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
         earlier = json.loads(path.read_text())
     except json.JSONDecodeError:
         return []  # a damaged results file is rebuilt
-    previous = {k: v for k, v in earlier.get("config", {}).get("export", {}).items()}
+    previous = dict(earlier.get("config", {}).get("export", {}))
+    options = previous.pop("method_options", {})  # recorded per row since; older files kept them here
     if previous and previous != config["export"]:
         changed = sorted(k for k in set(previous) | set(config["export"])
                          if previous.get(k) != config["export"].get(k))
         raise ToolchainError(f"{path} holds results made with other settings ({', '.join(changed)}); "
                              "use another --out or remove that folder")
-    return earlier.get("rows", [])
+    rows = earlier.get("rows", [])
+    for row in rows:
+        row.setdefault("options", method_options(row["method"], options))
+    return rows
 
 
 def _row(path, manifest: dict, identity: dict, onnx_eval: dict) -> dict:
@@ -117,6 +129,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     ckpt, source = load_source(cfg.export)
 
     def add(path, manifest, identity):
+        rows[:] = [r for r in rows if _slot(r) != _slot(identity)]  # made with other options
         rows.append(_row(path, manifest, identity, evaluate_onnx(path, data.test)))
         done.add(_key(identity))
         write_json(results_path, {"config": _config_record(cfg), "rows": rows})
@@ -126,7 +139,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     for export_cfg in plan:
         pending = [v for v in _variants(export_cfg) if _key(_identity(v)) not in done]
         if not pending:
-            log(f"{_key(_identity(export_cfg))}: already done, skipped")
+            log(f"{_slot(_identity(export_cfg))}: already done, skipped")
             continue
         log(f"== {_identity(export_cfg)['method']} ratio {export_cfg.ratio}")
         compressed = compress_and_tune(export_cfg, ckpt, source, data, log)
@@ -134,7 +147,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             path = out / "models" / f"{variant.tag()}.onnx"
             result = export_compressed(compressed, variant, path, log)
             add(path, result.manifest, _identity(variant))
-    peer = {"method": INT8_PEER, "ratio": 0.0, "centroid_bits": None}
+    peer = {"method": INT8_PEER, "ratio": 0.0, "centroid_bits": None, "options": {}}
     if "first" in cfg.methods and _key(peer) not in done:
         log("== size peer: ONNX Runtime int8 weight quantization of the baseline")
         baseline = next(r["file"] for r in rows if r["method"] == "baseline")
@@ -158,5 +171,5 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 def _config_record(cfg: SweepConfig) -> dict:
     record = asdict(cfg)
     record["export"] = {k: v for k, v in record["export"].items()
-                        if k not in ("out", "method", "ratio", "centroid_bits")}
+                        if k not in ("out", "method", "ratio", "centroid_bits", "method_options")}
     return record
