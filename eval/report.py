@@ -22,8 +22,9 @@ def write_report(out: str | Path, results: dict) -> None:
     out = Path(out)
     rows = results["rows"]
     _write_text(out / "results.csv", _csv(rows))
-    plots = _plots(out, rows) + _peer_plots(out, rows)
-    _write_text(out / "report.md", _markdown(results, plots) + _peer_markdown(rows))
+    plots = _plots(out, rows)
+    peer_plots = dict(_peer_plots(out, rows))  # shown in the peer sections, beside their tables
+    _write_text(out / "report.md", _markdown(results, plots) + "\n" + _peer_markdown(rows, peer_plots))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -214,7 +215,7 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     return figures
 
 
-def _peer_markdown(rows: list[dict]) -> str:
+def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
     base = next(r for r in rows if r["method"] == "baseline")
     lines = []
     pairs = structural_pairs(rows)
@@ -240,6 +241,7 @@ def _peer_markdown(rows: list[dict]) -> str:
                                           "measured." if not behind else
                                           "the L1 peer is ahead at " + ", ".join(behind) + "; method second "
                                           "everywhere else."), ""]
+        lines += [f"![{plots['peer_structural.png']}](peer_structural.png)", ""]
     peer, firsts = size_rows(rows)
     if peer and firsts:
         lines += ["## Method first against int8 weight quantization", "",
@@ -264,7 +266,8 @@ def _peer_markdown(rows: list[dict]) -> str:
         else:
             verdict = "the int8 peer wins: no method-first file here is smaller."
         lines += ["", f"**Who wins:** {verdict} The peer's speed is its weak side: its speed-up at batch 256 is "
-                  f"{peer.get('speedup_b256', float('nan')):.2f}x the float baseline.", ""]
+                  f"{peer.get('speedup_b256', float('nan')):.2f}x the float baseline.", "",
+                  f"![{plots['peer_size.png']}](peer_size.png)", ""]
     return "\n".join(lines)
 
 

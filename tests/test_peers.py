@@ -89,9 +89,10 @@ def test_int8_peer_refuses_a_foreign_file_and_writes_nothing(tmp_path):
 
 
 def test_before_fine_tuning_method_second_beats_the_l1_peer_on_real_images(baseline, train_split, test_split):
-    """Budget 0 of the peer comparison, ratio 0.5: measured on 2,000 test images, the medoid +
-    least squares reached 69.6%, centroids + least squares 64.6%, the L1 peer with BN
-    recalibration 52.7%."""
+    """Budget 0 of the peer comparison, ratio 0.5: measured on the 10,000 test images with 1,024
+    calibration images, salient clusters + least squares reached 69.46%, medoids 63.13%, the L1
+    peer with BN recalibration 49.29% (centroids: 64.6% against medoids' 69.6% on 2,000 images of
+    the earlier baseline)."""
     from toolchain.data import to_tensor
     from toolchain.methods.second import reconstruct
     from toolchain.training import evaluate, recalibrate_bn
@@ -99,7 +100,7 @@ def test_before_fine_tuning_method_second_beats_the_l1_peer_on_real_images(basel
     calibration = to_tensor(train_split.subset(512, seed=0).images, baseline.mean, baseline.std)
     held_out = test_split.subset(1000, seed=1)
     accuracy = {}
-    for keep in ("medoid", "centroid"):
+    for keep in ("salient", "medoid", "centroid"):
         model, _ = apply_second(baseline.model, SecondConfig(ratio=0.5, round_to=1, n_init=2, keep=keep))
         reconstruct(model, baseline.model, calibration)
         recalibrate_bn(model, train_split, images=512, keep_outputs=True)
@@ -107,4 +108,4 @@ def test_before_fine_tuning_method_second_beats_the_l1_peer_on_real_images(basel
     peer, _ = apply_l1(baseline.model, L1Config(ratio=0.5, round_to=1))
     recalibrate_bn(peer, train_split, images=512)
     accuracy["l1"] = evaluate(peer, held_out)
-    assert accuracy["medoid"] > accuracy["centroid"] > accuracy["l1"] + 0.05, accuracy
+    assert accuracy["salient"] > accuracy["medoid"] > accuracy["centroid"] > accuracy["l1"] + 0.05, accuracy
