@@ -133,6 +133,25 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift): an eval-mode BN computes scale * x + shift per channel."""
+    scale = bn_scale(bn)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+@torch.no_grad()
+def set_bn_affine(bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> None:
+    """Make an eval-mode `bn` compute scale * x + shift while holding the given running statistics
+    (by default mean 0, variance 1): statistics can move to new data without changing the function."""
+    mean = torch.zeros_like(shift) if mean is None else mean
+    var = torch.full_like(shift, 1 - bn.eps) if var is None else var
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.weight.copy_(scale * torch.sqrt(var + bn.eps))
+    bn.bias.copy_(scale * mean + shift)
+
+
 def build_model(arch: str = "resnet20", num_classes: int = 10,
                 inner_widths: list[int] | None = None) -> CifarResNet:
     return CifarResNet(parse_arch(arch), num_classes, inner_widths)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .data import CIFAR10_MEAN, CIFAR10_STD, Split, batches
 from .distributed import data_parallel, sum_over_processes
 from .errors import ConfigError
+from .models import bn_affine, set_bn_affine
 
 
 @dataclass
@@ -148,12 +149,7 @@ def _restate_keeping_function(model: nn.Module, bns: list[nn.BatchNorm2d], calib
         total, squares, n = sums[m]
         new_mean = (total / n).float()
         new_var = (squares / n - (total / n) ** 2).clamp_min(0).float() * n / max(1, n - 1)
-        # gamma' (z - mu') / sigma' + beta' == gamma (z - mu) / sigma + beta for every z
-        old_std = torch.sqrt(m.running_var + m.eps)
-        m.bias.data += m.weight.data * (new_mean - m.running_mean) / old_std
-        m.weight.data *= torch.sqrt(new_var + m.eps) / old_std
-        m.running_mean.copy_(new_mean)
-        m.running_var.copy_(new_var)
+        set_bn_affine(m, *bn_affine(m), new_mean, new_var)
 
 
 def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
