@@ -19,7 +19,7 @@ from torch import nn
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, capture, solve_conv_weight
-from ..models import bn_scale
+from ..models import bn_affine, bn_scale, set_bn_affine
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -100,14 +100,17 @@ def _clustering_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str
 
 @torch.no_grad()
 def _fold_filter_scales(conv: nn.Conv2d, bn: nn.BatchNorm2d, centroids: np.ndarray, assignment: np.ndarray):
-    """Least-squares scale s_i of each filter on its centroid, moved into BN: BN(s*z) == BN'(z)."""
+    """Least-squares scale s_i of each filter on its centroid, moved into BN: BN'(z) == BN(s*z).
+
+    The running statistics move with the scale (mean / s, variance / s^2), so the BN keeps the
+    function in eval mode, in train mode (batch statistics) and after a plain recalibration."""
     vectors = conv.weight.detach().flatten(1).numpy().astype(np.float64)
     c = centroids[assignment].astype(np.float64)
     s = (vectors * c).sum(1) / (c * c).sum(1).clip(1e-12)
     s = np.where(np.abs(s) < 1e-6, 1e-6, s)  # a dead filter keeps a tiny, invertible scale
     s = torch.from_numpy(s).to(bn.weight.dtype)
-    bn.weight.mul_(s)
-    bn.running_mean.div_(s)
+    scale, shift = bn_affine(bn)
+    set_bn_affine(bn, scale * s, shift, mean=bn.running_mean / s, var=bn.running_var / s ** 2)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
