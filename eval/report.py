@@ -65,13 +65,14 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     figures = []
     save = _saver(out, figures)
 
+    color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method, a line style per stage
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         series = _series(rows, m)
         for key, label, style in STAGES:
             pts = [(r["ratio"], 100 * r[key]) for r in series if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"{m}: {label}")
+                ax.plot(*zip(*pts), style, marker="o", color=color[m], label=f"{m}: {label}")
     baseline_line(ax, 100 * base["accuracy"])
     ax.set(xlabel="ratio (fraction of filters removed)", ylabel="top-1 accuracy on the test split (%)",
            title="Accuracy against ratio")
@@ -81,8 +82,10 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         series = _series(rows, m)
-        ax.plot([r["ratio"] for r in series], [r["model_bytes"] / 1e3 for r in series], "-o", label=f"{m}: file")
-        ax.plot([r["ratio"] for r in series], [r["gzip_bytes"] / 1e3 for r in series], "--o", label=f"{m}: gzipped")
+        ax.plot([r["ratio"] for r in series], [r["model_bytes"] / 1e3 for r in series], "-o", color=color[m],
+                label=f"{m}: file")
+        ax.plot([r["ratio"] for r in series], [r["gzip_bytes"] / 1e3 for r in series], "--o", color=color[m],
+                label=f"{m}: gzipped")
     baseline_line(ax, base["model_bytes"] / 1e3, "baseline file")
     ax.set(xlabel="ratio (fraction of filters removed)", ylabel="ONNX file size (kB)", title="File size against ratio")
     ax.legend(fontsize=7)
@@ -94,10 +97,11 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
         ratios = [r["ratio"] for r in series]
         for b, style in ((1, "--o"), (256, "-o")):
             if series and f"p50_ms_b{b}" in series[0]:
-                axes[0].plot(ratios, [r[f"p50_ms_b{b}"] for r in series], style, label=f"{m}: batch {b}")
-                axes[1].plot(ratios, [r[f"speedup_b{b}"] for r in series], style, label=f"{m}: batch {b}")
+                axes[0].plot(ratios, [r[f"p50_ms_b{b}"] for r in series], style, color=color[m], label=f"{m}: batch {b}")
+                axes[1].plot(ratios, [r[f"speedup_b{b}"] for r in series], style, color=color[m],
+                             label=f"{m}: batch {b}")
         if any(r.get("ideal_speedup") for r in series):
-            axes[1].plot(ratios, [r.get("ideal_speedup") for r in series], ":", color="gray",
+            axes[1].plot(ratios, [r.get("ideal_speedup") for r in series], ":", color=color[m],
                          label=f"{m}: ideal (padded MACs)")
     for b in (1, 256):
         if f"p50_ms_b{b}" in base:
@@ -113,7 +117,7 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         series = _series(rows, m)
-        ax.plot([r["ratio"] for r in series], [r["macs"] / 1e6 for r in series], "-o", label=m)
+        ax.plot([r["ratio"] for r in series], [r["macs"] / 1e6 for r in series], "-o", color=color[m], label=m)
     baseline_line(ax, base["macs"] / 1e6)
     ax.set(xlabel="ratio (fraction of filters removed)", ylabel="multiply-adds per image (M)",
            title="Multiply-adds against ratio")
