@@ -152,6 +152,14 @@ def set_bn_affine(bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor,
     bn.bias.copy_(scale * mean + shift)
 
 
+@torch.no_grad()
+def rescale_bn_input(bn: nn.BatchNorm2d, factor: torch.Tensor) -> None:
+    """The conv before `bn` now outputs `factor` times what it did (per channel): move the running
+    statistics with it and keep the function, in eval mode and in train mode alike."""
+    scale, shift = bn_affine(bn)
+    set_bn_affine(bn, scale / factor, shift, bn.running_mean * factor, bn.running_var * factor ** 2)
+
+
 def build_model(arch: str = "resnet20", num_classes: int = 10,
                 inner_widths: list[int] | None = None) -> CifarResNet:
     return CifarResNet(parse_arch(arch), num_classes, inner_widths)

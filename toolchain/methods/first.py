@@ -19,7 +19,7 @@ from torch import nn
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, capture, solve_conv_weight
-from ..models import bn_affine, bn_scale, set_bn_affine
+from ..models import bn_scale, rescale_bn_input
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -109,8 +109,7 @@ def _fold_filter_scales(conv: nn.Conv2d, bn: nn.BatchNorm2d, centroids: np.ndarr
     s = (vectors * c).sum(1) / (c * c).sum(1).clip(1e-12)
     s = np.where(np.abs(s) < 1e-6, 1e-6, s)  # a dead filter keeps a tiny, invertible scale
     s = torch.from_numpy(s).to(bn.weight.dtype)
-    scale, shift = bn_affine(bn)
-    set_bn_affine(bn, scale * s, shift, mean=bn.running_mean / s, var=bn.running_var / s ** 2)
+    rescale_bn_input(bn, 1 / s)  # the conv now outputs z = (s * z) / s
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

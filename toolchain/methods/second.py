@@ -27,7 +27,7 @@ from torch import nn
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, relative_error, solve_conv_weight
-from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, set_bn_affine
+from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, rescale_bn_input, set_bn_affine
 
 
 KEEP = ("centroid", "medoid", "largest", "salient")
@@ -185,9 +185,8 @@ def _rescale_filters(conv: nn.Conv2d, bn: nn.BatchNorm2d, norms: torch.Tensor) -
     """Give `conv`'s filters these norms, `bn` keeping the function. BN makes the scale free for
     the function but not for SGD: its effective step on the filters goes as 1 / |w|^2."""
     c = norms / conv.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
-    scale, shift = bn_affine(bn)
     conv.weight.mul_(c.view(-1, 1, 1, 1))
-    set_bn_affine(bn, scale / c, shift, bn.running_mean * c, bn.running_var * c * c)
+    rescale_bn_input(bn, c)
 
 
 @torch.no_grad()
