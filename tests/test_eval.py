@@ -81,7 +81,10 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     for name in ("report.md", "results.json", "results.csv", "accuracy.png", "size.png", "latency.png",
                  "macs.png", "finetune.png", "peer_structural.png", "peer_size.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
-    rows = json.loads((report / "results.json").read_text())["rows"]
+    results = json.loads((report / "results.json").read_text())
+    rows = results["rows"]
+    # The shared settings only: rows accumulate over runs with other methods and ratios.
+    assert "methods" not in results["config"] and results["config"]["export"]["finetune_epochs"] == 1
     # method first twice from one fine-tuned model (float, int8 centroids), then both peers
     assert [(r["method"], r["centroid_bits"]) for r in rows] == [
         ("baseline", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("l1", None), ("second", None)]

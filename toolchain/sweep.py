@@ -169,7 +169,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 
 
 def _config_record(cfg: SweepConfig) -> dict:
-    record = asdict(cfg)
+    """The settings every row shares. Not the methods and ratios: a sweep run again into the
+    same folder with others adds rows, and the rows say what they are."""
+    record = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "ratios", "out")}
     record["export"] = {k: v for k, v in record["export"].items()
                         if k not in ("out", "method", "ratio", "centroid_bits", "method_options")}
     return record
