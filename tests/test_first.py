@@ -114,8 +114,13 @@ def test_refit_centroids_beats_recalibration_on_real_images(baseline, train_spli
     assert all(e["relative_error_after"] < e["relative_error_before"] for e in errors), errors
     held_out = test_split.subset(1000, seed=1)
     assert evaluate(clustered, held_out) > evaluate(recalibrated, held_out) + 0.15
+    source = dict(baseline.model.named_modules())
     for record, conv in zip(info["layers"], shared_convs(clustered)):
         assert len(torch.unique(conv.weight.flatten(1), dim=0)) == record["k"]  # sharing kept
+        # Each centroid leaves the refit with the RMS norm of the filters it replaces (BN keeps the function).
+        squares = source[record["layer"]].weight.flatten(1).pow(2).sum(1)
+        rms = torch.stack([squares[conv.assignment == j].mean() for j in range(record["k"])]).sqrt()
+        assert torch.allclose(conv.centroids.flatten(1).norm(dim=1), rms, rtol=1e-4)
 
 
 def test_global_allocation_keeps_the_parameter_budget(model):
@@ -123,6 +128,16 @@ def test_global_allocation_keeps_the_parameter_budget(model):
     spread, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="global", n_init=1))
     assert count_params(spread) <= count_params(uniform)
     assert len({r["k"] / r["filters"] for r in info["layers"]}) > 2  # not the same share everywhere
+
+
+def test_global_allocation_ignores_a_layers_scale(model):
+    """Per-layer errors are relative: a layer scaled down (BN undoing it) keeps its share."""
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.layer3[1].conv1.weight.mul_(1e-3)
+    cfg = FirstConfig(ratio=0.5, allocation="global", n_init=1)
+    ks = [[r["k"] for r in apply_first(m, cfg)[1]["layers"]] for m in (model, scaled)]
+    assert ks[0] == ks[1]
 
 
 def test_finetuning_keeps_filters_shared(model, train_split):
