@@ -77,3 +77,27 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig, progress=None) -> l
                          "speedup": round(base_p50 / p50, 4),
                          "session_rss_bytes": session_memory(path, batch_size, PROVIDERS[cfg.provider])})
     return rows
+
+
+def machine() -> dict:
+    """Where latencies are measured. Speed-ups of narrow layers depend on it: ONNX Runtime's CPU
+    convolutions work on blocks of 16 channels with AVX-512, 8 with AVX2, so a width of 8 costs
+    what 16 costs on one CPU and not on the other."""
+    import onnxruntime
+
+    from toolchain.methods.second import cpu_channel_block
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "channel_block": cpu_channel_block(),
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from toolchain.io import atomic_path
@@ -283,6 +284,15 @@ def _pct(v):
     return "" if v is None else f"{100 * v:.2f}"
 
 
+def _machines(rows: list[dict]) -> str:
+    """Where the latencies were measured: one CPU when all rows were benchmarked in one run."""
+    seen = sorted({json.dumps(r["bench_machine"], sort_keys=True) for r in rows if r.get("bench_machine")})
+    if not seen:
+        return "machine not recorded"
+    return "; ".join(f"measured on {m['cpu']}, {m['cores']} cores, ONNX Runtime {m['onnxruntime']}, "
+                     f"channel block {m['channel_block']}" for m in map(json.loads, seen))
+
+
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
     rows = results["rows"]
     base = next(r for r in rows if r["method"] == "baseline")
@@ -291,7 +301,8 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              f"Source: `{export.get('checkpoint') or 'shipped baseline'}`; test images: {base['test_images']}; "
              f"fine-tuning budget: {export['finetune_epochs']} epochs at peak lr {export['finetune_lr']}"
              f"{' with distillation from the original' if export['distill'] else ''}. Latency: ONNX Runtime CPU, "
-             "median of interleaved repeats, speed-up against the baseline in the same run.", "",
+             f"median of interleaved repeats, speed-up against the baseline in the same run; {_machines(rows)}. "
+             "*ideal*: the multiply-adds ratio with block widths padded to that CPU's channel block.", "",
              "| method | ratio | options | widths | params | MACs (M) | bytes | x base | compressed | recon. | recal. | final | "
              "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -7,9 +7,11 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import run_cli
-from eval.bench import BenchConfig, bench
+from eval.bench import BenchConfig, bench, machine
 from eval.checks import check_model, parse_size
 from eval.runtime import ModelFileError, load_onnx
+from toolchain.models import build_model, count_macs
+from toolchain.sweep import ideal_speedup
 
 ROW_FIELDS = {"model", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "speedup"}
 
@@ -93,6 +95,9 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert first_int8["model_bytes"] < 0.5 * first["model_bytes"]
     assert int8_peer["model_bytes"] < 0.35 * rows[0]["model_bytes"]
     assert l1["inner_widths"] == second["inner_widths"] and l1["macs"] == second["macs"]
+    # Latency and the ideal speed-up belong to the CPU the rows were benchmarked on, recorded.
+    assert all(r["bench_machine"] == machine() for r in rows)
+    assert 1 < second["ideal_speedup"] <= rows[0]["macs"] / second["macs"] + 1e-9
     with open(report / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [float(r["accuracy"]) for r in table] == [r["accuracy"] for r in rows]
@@ -101,6 +106,7 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     text = (report / "report.md").read_text()
     assert all(f"{r['model_bytes']:,}" in text for r in rows)
     assert text.count("**Who wins:**") == 2
+    assert f"channel block {machine()['channel_block']}" in text
     again = run_cli(*args)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 4
     # Another method-second option redoes that method's row alone, in place.
@@ -110,3 +116,13 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert [r["method"] for r in redone] == [r["method"] for r in rows]
     assert redone[-1]["options"]["keep"] == "medoid" and rows[-1]["options"]["keep"] == "salient"
     assert [(r["options"], r["accuracy"]) for r in redone[:-1]] == [(r["options"], r["accuracy"]) for r in rows[:-1]]
+
+
+def testideal_speedup_pads_widths_to_the_channel_block():
+    half = [8, 8, 8, 16, 16, 16, 32, 32, 32]  # ResNet20 at ratio 0.5
+    macs = count_macs(build_model("resnet20"))
+    row = {"arch": "resnet20", "inner_widths": half}
+    assert ideal_speedup(row, macs, 1) == pytest.approx(macs / count_macs(build_model("resnet20", inner_widths=half)))
+    padded = [16] * 6 + [32] * 3  # a width of 8 costs what 16 costs on an AVX-512 CPU
+    assert ideal_speedup(row, macs, 16) == pytest.approx(macs / count_macs(build_model("resnet20", inner_widths=padded)))
+    assert ideal_speedup({"inner_widths": None}, macs, 16) is None

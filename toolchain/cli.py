@@ -50,7 +50,8 @@ def compression_options(command):
              "its centroid (medoid), the centroid itself, or its member with the largest L1 norm.")(command)
     command = click.option(
         "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-        help="Method first: same ratio in every layer, or per-layer k from one parameter budget.")(command)
+        help="Method first: same ratio in every layer, or per-layer k from one parameter budget by "
+             "relative clustering error (measured worse: see the README).")(command)
     return click.option(
         "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="scaled", show_default=True,
         help="Method first: raw filters; bn-weighted: error weighted by the BatchNorm scale; scaled: cluster "

@@ -75,26 +75,24 @@ def _row(path, manifest: dict, identity: dict, onnx_eval: dict) -> dict:
     m = manifest
     acc = m.get("accuracy") or {}
     return {**identity,
-            "file": str(path), "params": m["params"], "macs": m["macs"],
+            "file": str(path), "arch": m["arch"], "params": m["params"], "macs": m["macs"],
             "model_bytes": m["model_bytes"], "gzip_bytes": m["gzip_bytes"],
             "inner_widths": m.get("inner_widths"), "finetune_epochs": m.get("finetune_epochs", 0),
             **{f"accuracy_{stage}": value for stage, value in acc.items()},
             "accuracy": onnx_eval["accuracy"], "test_images": onnx_eval["images"],
-            "finetune_curve": [r["test_accuracy"] for r in m.get("finetune_history", [])],
-            "ideal_speedup": _ideal_speedup(m)}
+            "finetune_curve": [r["test_accuracy"] for r in m.get("finetune_history", [])]}
 
 
-def _ideal_speedup(manifest: dict) -> float | None:
-    """Baseline multiply-adds over the model's, with block widths padded to the CPU's channel
-    block (a width of 8 costs what 16 costs with AVX-512): the speed-up to approach."""
-    widths = manifest.get("inner_widths")
+def ideal_speedup(row: dict, baseline_macs: int, block: int) -> float | None:
+    """Baseline multiply-adds over the model's, with block widths padded to the benchmarking
+    CPU's channel block (a width of 8 costs what 16 costs with AVX-512): the speed-up to approach."""
+    widths = row.get("inner_widths")
     if not widths:
         return None
-    from .methods.second import cpu_channel_block
     from .models import build_model, count_macs
-    block = cpu_channel_block()
-    padded = [min(full, -(-w // block) * block) for w, full in zip(widths, build_model(manifest["arch"]).inner_widths())]
-    return manifest["baseline"]["macs"] / count_macs(build_model(manifest["arch"], inner_widths=padded))
+    arch = row.get("arch", "resnet20")  # rows written before the arch was recorded: ResNet20
+    padded = [min(full, -(-w // block) * block) for w, full in zip(widths, build_model(arch).inner_widths())]
+    return baseline_macs / count_macs(build_model(arch, inner_widths=padded))
 
 
 def _variants(cfg: ExportConfig) -> list[ExportConfig]:
@@ -111,7 +109,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     when it is swept, ONNX Runtime's int8 quantization of the baseline is added as its size peer.
     """
     from eval.accuracy import evaluate_onnx
-    from eval.bench import BenchConfig, bench
+    from eval.bench import BenchConfig, bench, machine
     from eval.report import write_report
     from export.int8_peer import METHOD as INT8_PEER
     from export.int8_peer import quantize_int8
@@ -141,7 +139,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         if not pending:
             log(f"{_slot(_identity(export_cfg))}: already done, skipped")
             continue
-        log(f"== {_identity(export_cfg)['method']} ratio {export_cfg.ratio}")
+        log("== baseline" if export_cfg.method == "none" else f"== {export_cfg.method} ratio {export_cfg.ratio}")
         compressed = compress_and_tune(export_cfg, ckpt, source, data, log)
         for variant in pending:
             path = out / "models" / f"{variant.tag()}.onnx"
@@ -156,7 +154,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], r["ratio"], r.get("centroid_bits") or 0))
     log("benchmarking all models, interleaved with the baseline")
     latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
+    where = machine()
+    baseline_macs = next(r["macs"] for r in rows if r["method"] == "baseline")
     for r in rows:
+        r["bench_machine"] = where
+        r["ideal_speedup"] = ideal_speedup(r, baseline_macs, where["channel_block"])
         for b in latency:
             if b["model"] == r["file"]:
                 r[f"p50_ms_b{b['batch_size']}"] = b["p50_ms"]
