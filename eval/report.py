@@ -239,7 +239,7 @@ def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
                     continue
                 lines.append(f"| {ratio:g} | {epochs} | {_pct(a)} | {_pct(b)} | {100 * (a - b):+.2f} |")
                 if a < b:
-                    behind.append(f"ratio {ratio:g} after {epochs} epochs")
+                    behind.append(f"ratio {ratio:g} after {epochs} epoch{'' if epochs == 1 else 's'}")
             lines.append(f"| {ratio:g} | ONNX Runtime | {_pct(second['accuracy'])} | {_pct(l1['accuracy'])} | "
                          f"{100 * (second['accuracy'] - l1['accuracy']):+.2f} |")
         lines += ["", "**Who wins:** " + ("method second is at least as accurate as the L1 peer at every budget "

@@ -118,7 +118,7 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert [(r["options"], r["accuracy"]) for r in redone[:-1]] == [(r["options"], r["accuracy"]) for r in rows[:-1]]
 
 
-def testideal_speedup_pads_widths_to_the_channel_block():
+def test_ideal_speedup_pads_widths_to_the_channel_block():
     half = [8, 8, 8, 16, 16, 16, 32, 32, 32]  # ResNet20 at ratio 0.5
     macs = count_macs(build_model("resnet20"))
     row = {"arch": "resnet20", "inner_widths": half}
