@@ -25,7 +25,8 @@ def write_report(out: str | Path, results: dict) -> None:
     _write_text(out / "results.csv", _csv(rows))
     plots = _plots(out, rows)
     peer_plots = dict(_peer_plots(out, rows))  # shown in the peer sections, beside their tables
-    _write_text(out / "report.md", _markdown(results, plots) + "\n" + _peer_markdown(rows, peer_plots))
+    _write_text(out / "report.md", "\n".join([_markdown(results, plots), _allocation_markdown(rows),
+                                               _peer_markdown(rows, peer_plots)]))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -48,8 +49,15 @@ def _options(row: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted((row.get("options") or {}).items()))
 
 
+def _allocation(row: dict) -> str:
+    return (row.get("options") or {}).get("allocation", "uniform")
+
+
 def _label(row: dict) -> str:
-    return row["method"] + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else "")
+    """The series a row belongs to: method, a non-uniform allocation, int8 centroids."""
+    allocation = _allocation(row)
+    return (row["method"] + ("" if allocation == "uniform" else f" {allocation}")
+            + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else ""))
 
 
 def _series(rows, label):
@@ -170,9 +178,21 @@ def accuracy_after(row: dict, epochs: int):
 
 
 def structural_pairs(rows: list[dict]) -> list[tuple[float, dict, dict]]:
-    """(ratio, method second's row, the L1 peer's row) wherever both were swept."""
+    """(ratio, method second's row, the L1 peer's row) wherever both were swept with the same widths."""
     peers = {r["ratio"]: r for r in rows if r["method"] == "l1"}
-    return [(r["ratio"], r, peers[r["ratio"]]) for r in rows if r["method"] == "second" and r["ratio"] in peers]
+    return [(r["ratio"], r, peers[r["ratio"]]) for r in rows if _label(r) == "second" and r["ratio"] in peers]
+
+
+def allocation_groups(rows: list[dict]) -> list[tuple[float, list[dict]]]:
+    """(ratio, method second's rows of every allocation) where more than one allocation was swept:
+    the same multiply-add budget spent on other widths."""
+    by_ratio = {}
+    for r in rows:
+        if r["method"] == "second":
+            by_ratio.setdefault(r["ratio"], []).append(r)
+    return [(ratio, sorted(group, key=_allocation, reverse=True)) for ratio, group in sorted(by_ratio.items())
+            if len(group) > 1]
+
 
 
 def size_rows(rows: list[dict]) -> tuple[dict | None, list[dict]]:
@@ -274,6 +294,33 @@ def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
                   f"{peer.get('speedup_b256', float('nan')):.2f}x the float baseline.", "",
                   f"![{plots['peer_size.png']}](peer_size.png)", ""]
     return "\n".join(lines)
+
+
+def _allocation_markdown(rows: list[dict]) -> str:
+    groups = allocation_groups(rows)
+    if not groups:
+        return ""
+    base = next(r for r in rows if r["method"] == "baseline")
+    lines = ["## Method second: the same multiply-adds on other widths", "",
+             "`--allocation latency` keeps uniform widths' multiply-add budget but picks per-stage widths that "
+             "cost the CPU least once padded to its channel block (a width below the block costs the whole "
+             "block).", "", "| ratio | allocation | widths | MACs (x base) | final | speed-up b1 | speed-up b256 | ideal |"
+             " b256 / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for ratio, group in groups:
+        for r in group:
+            w = r["inner_widths"]
+            speedup, ideal = r.get("speedup_b256"), r.get("ideal_speedup")
+            lines.append(f"| {ratio:g} | {_allocation(r)} | {'/'.join(str(w[i * len(w) // 3]) for i in range(3))} | "
+                         f"{r['macs'] / base['macs']:.3f} | {_pct(r['accuracy'])} | {r.get('speedup_b1', float('nan')):.2f} | "
+                         f"{speedup or float('nan'):.2f} | {ideal or float('nan'):.2f} | "
+                         f"{speedup / ideal if speedup and ideal else float('nan'):.2f} |")
+        fastest = max(group, key=lambda r: r.get("speedup_b256") or 0)
+        verdicts += ["", f"**Fastest at ratio {ratio:g}** ({fastest['macs'] / base['macs']:.3f}x the baseline's "
+                     f"multiply-adds): {_allocation(fastest)}, {fastest.get('speedup_b256', float('nan')):.2f}x at "
+                     f"batch 256 against an ideal {fastest.get('ideal_speedup') or float('nan'):.2f}x, at "
+                     f"{_pct(fastest['accuracy'])}% accuracy."]
+    return "\n".join(lines + verdicts + [""])
 
 
 def _mb(v):

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -116,6 +117,15 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert [r["method"] for r in redone] == [r["method"] for r in rows]
     assert redone[-1]["options"]["keep"] == "medoid" and rows[-1]["options"]["keep"] == "salient"
     assert [(r["options"], r["accuracy"]) for r in redone[:-1]] == [(r["options"], r["accuracy"]) for r in rows[:-1]]
+    # Another allocation is another model: its row stands beside the uniform one, compared in the report.
+    latency = run_cli("sweep", "--method", "second", "--allocation", "latency", *args[args.index("--ratios"):])
+    assert latency.returncode == 0, latency.stderr
+    both = json.loads((report / "results.json").read_text())["rows"]
+    seconds = [r for r in both if r["method"] == "second"]
+    assert [r["options"]["allocation"] for r in seconds] == ["uniform", "latency"]
+    assert seconds[1]["macs"] <= seconds[0]["macs"] and Path(seconds[1]["file"]).name == "second_r0.5_latency.onnx"
+    text = (report / "report.md").read_text()
+    assert "the same multiply-adds on other widths" in text and "**Fastest at ratio 0.5**" in text
 
 
 def test_ideal_speedup_pads_widths_to_the_channel_block():

@@ -9,8 +9,9 @@ import torch
 from conftest import random_resnet20
 from toolchain.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from toolchain.data import to_tensor
-from toolchain.methods.second import SecondConfig, apply_second, block_errors, kept_width, reconstruct
-from toolchain.models import count_macs
+from toolchain.methods.second import (SecondConfig, apply_second, block_errors, kept_width, latency_widths,
+                                      padded_widths, reconstruct)
+from toolchain.models import build_model, count_macs
 from toolchain.pipeline import ExportConfig, run_export
 from toolchain.training import evaluate
 
@@ -27,6 +28,31 @@ def test_pruned_shapes_and_macs():
 @pytest.mark.parametrize("ratio, round_to, width16", [(0.5, 1, 8), (0.5, 16, 16), (0.8, 8, 8), (0.9, 1, 2)])
 def test_round_to(ratio, round_to, width16):
     assert kept_width(16, ratio, round_to) == width16
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("block", [8, 16])
+def test_latency_allocation_costs_no_more_at_the_same_budget(ratio, block):
+    model = build_model("resnet20")
+    full = model.inner_widths()
+    uniform = [kept_width(f, ratio, 1) for f in full]
+    widths = latency_widths(model, ratio, 1, block)
+    macs = lambda w: count_macs(build_model("resnet20", inner_widths=w))  # noqa: E731
+    assert widths[:3] == [widths[0]] * 3 and widths[3:6] == [widths[3]] * 3  # one width per stage
+    # the same budget: at most uniform's multiply-adds, less by under one channel of the costliest stage
+    channel = macs([2] * 3 + uniform[3:]) - macs([1] * 3 + uniform[3:])  # stage 1: the largest images
+    assert macs(uniform) - channel < macs(widths) <= macs(uniform)
+    assert macs(padded_widths(widths, full, block)) <= macs(padded_widths(uniform, full, block))
+
+
+def test_latency_allocation_moves_filters_out_of_blocks_below_the_channel_block():
+    # Ratio 0.5 keeps 8 of stage 1's 16 filters: no faster than 16 with AVX-512's block of 16.
+    widths = latency_widths(build_model("resnet20"), 0.5, 1, 16)
+    assert widths[0] > 8 and widths[-1] < 32
+    pruned, info = apply_second(random_resnet20(), SecondConfig(ratio=0.5, allocation="latency", channel_block=16))
+    assert pruned.inner_widths() == widths and info["allocation"] == "latency"
+    with pytest.raises(ValueError, match="allocation"):
+        SecondConfig(allocation="global")
 
 
 @pytest.mark.parametrize("keep", ["salient", "medoid", "centroid", "largest"])

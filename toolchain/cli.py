@@ -49,9 +49,11 @@ def compression_options(command):
              "every other filter joins the nearest; or K-Means clusters, each kept as the member closest to "
              "its centroid (medoid), the centroid itself, or its member with the largest L1 norm.")(command)
     command = click.option(
-        "--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
-        help="Method first: same ratio in every layer, or per-layer k from one parameter budget by "
-             "relative clustering error (measured worse: see the README).")(command)
+        "--allocation", type=click.Choice(["uniform", "global", "latency"]), default="uniform", show_default=True,
+        help="uniform: the same ratio in every layer. Method first, global: per-layer k from one parameter "
+             "budget by relative clustering error (measured worse: see the README). Method second, latency: "
+             "per-stage widths at uniform's multiply-adds that cost this CPU least once padded to its "
+             "channel block.")(command)
     return click.option(
         "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="scaled", show_default=True,
         help="Method first: raw filters; bn-weighted: error weighted by the BatchNorm scale; scaled: cluster "
@@ -222,7 +224,8 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
         ratio_values = _ratio_list(ratios)
     except click.BadParameter as exc:
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
-    export_cfg = ExportConfig(checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
+    # The settings all rows share; each row sets its own method and ratio (and is validated then).
+    export_cfg = ExportConfig(method="none", checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
                               finetune_lr=finetune_lr, round_to=round_to, train_limit=train_limit, test_limit=test_limit,
                               reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
     try:

@@ -52,11 +52,15 @@ class ExportConfig:
             raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
         if self.finetune_epochs < 0:
             raise ToolchainError("--finetune-epochs must be 0 or more")
+        method_config(self)  # a bad method option fails here, before any work
 
     def tag(self) -> str:
-        """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, ..."""
-        tag = "none" if self.method == "none" else f"{self.method}_r{self.ratio:g}"
-        return tag + (f"_int{self.centroid_bits}" if self.centroid_bits and self.method == "first" else "")
+        """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, second_r0.5_latency, ..."""
+        if self.method == "none":
+            return "none"
+        allocation = method_options(self.method, self.method_options).get("allocation", "uniform")
+        return (f"{self.method}_r{self.ratio:g}" + ("" if allocation == "uniform" else f"_{allocation}")
+                + (f"_int{self.centroid_bits}" if self.centroid_bits and self.method == "first" else ""))
 
     def default_out(self, arch: str) -> Path:
         return Path("artifacts") / f"{arch}_{self.tag()}.onnx"
@@ -96,26 +100,41 @@ def method_options(method: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
+def method_config(cfg: ExportConfig):
+    """The method's own config (FirstConfig, SecondConfig, L1Config; None for none) from cfg."""
+    from .methods.first import FirstConfig
+    from .methods.l1_peer import L1Config
+    from .methods.second import SecondConfig, cpu_channel_block
+
+    if cfg.method == "none":
+        return None
+    options = method_options(cfg.method, cfg.method_options)
+    if cfg.method == "first":
+        return FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **options)
+    round_to = cfg.round_to or cpu_channel_block()
+    if cfg.method == "second":
+        return SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to, **options)
+    if cfg.method_options.get("allocation", "uniform") != "uniform":
+        raise ToolchainError("the L1 peer prunes to uniform widths: --allocation is for methods first and second")
+    return L1Config(ratio=cfg.ratio, round_to=round_to)
+
+
 def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict]:
     """Apply the configured method to a copy of the model; returns it and what was done."""
     import copy
 
+    from .methods.first import apply_first
+    from .methods.l1_peer import apply_l1
+    from .methods.second import apply_second
+
     if cfg.method == "none":
         return copy.deepcopy(ckpt.model).eval(), {}
     model = ckpt.model.eval()  # the methods work on a copy
-    options = method_options(cfg.method, cfg.method_options)
+    method = method_config(cfg)
     if cfg.method == "first":
-        from .methods.first import FirstConfig, apply_first
-        return apply_first(model, FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **options))
-    from .methods.second import SecondConfig, apply_second, cpu_channel_block
-    round_to = cfg.round_to or cpu_channel_block()
-    if cfg.method == "second":
-        model, info = apply_second(model, SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to,
-                                                       **options))
-    else:
-        from .methods.l1_peer import L1Config, apply_l1
-        model, info = apply_l1(model, L1Config(ratio=cfg.ratio, round_to=round_to))
-    info["round_to"] = round_to
+        return apply_first(model, method)
+    model, info = (apply_second if cfg.method == "second" else apply_l1)(model, method)
+    info["round_to"] = method.round_to
     return model, info
 
 

@@ -31,8 +31,10 @@ class SweepConfig:
 
 
 def _slot(row: dict) -> str:
-    """Which model a row is for (and so which file it writes)."""
-    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}"
+    """Which model a row is for (and so which file it writes): the allocation gives other shapes,
+    so rows of two allocations stand side by side; other options replace each other."""
+    allocation = (row.get("options") or {}).get("allocation", "uniform")
+    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{allocation}"
 
 
 def _key(row: dict) -> str:
@@ -89,9 +91,10 @@ def ideal_speedup(row: dict, baseline_macs: int, block: int) -> float | None:
     widths = row.get("inner_widths")
     if not widths:
         return None
+    from .methods.second import padded_widths
     from .models import build_model, count_macs
     arch = row.get("arch", "resnet20")  # rows written before the arch was recorded: ResNet20
-    padded = [min(full, -(-w // block) * block) for w, full in zip(widths, build_model(arch).inner_widths())]
+    padded = padded_widths(widths, build_model(arch).inner_widths(), block)
     return baseline_macs / count_macs(build_model(arch, inner_widths=padded))
 
 

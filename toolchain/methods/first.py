@@ -41,7 +41,8 @@ class FirstConfig:
         if self.features not in FEATURES:
             raise ConfigError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)} for method first, "
+                              f"got {self.allocation!r}")
 
 
 class SharedConv2d(nn.Module):

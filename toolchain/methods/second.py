@@ -27,10 +27,13 @@ from torch import nn
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, relative_error, solve_conv_weight
-from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, rescale_bn_input, set_bn_affine
+from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, count_macs, rescale_bn_input, set_bn_affine
 
 
 KEEP = ("centroid", "medoid", "largest", "salient")
+# uniform: every block keeps round(filters x (1 - ratio)). latency: per-stage widths that cost the
+# CPU least (multiply-adds with widths padded to its channel block) within uniform's multiply-adds.
+ALLOCATIONS = ("uniform", "latency")
 
 
 @dataclass
@@ -45,11 +48,16 @@ class SecondConfig:
     # L1 pruning keeps) stand for the clusters, and every other filter joins the nearest of them,
     # so its conv2 input is merged rather than lost.
     keep: str = "salient"  # best measured after fine-tuning (README: method second)
+    allocation: str = "uniform"
+    channel_block: int | None = None  # allocation latency: the CPU's channel block; None: this CPU's
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
         if self.keep not in KEEP:
             raise ConfigError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)} for method second, "
+                              f"got {self.allocation!r}")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
 
@@ -68,6 +76,44 @@ def cpu_channel_block() -> int:
 def kept_width(filters: int, ratio: float, round_to: int) -> int:
     k = clusters_for(filters, ratio)
     return min(filters, math.ceil(k / round_to) * round_to)
+
+
+def padded_widths(widths: list[int], full: list[int], block: int) -> list[int]:
+    """The widths a CPU with this channel block computes: each rounded up to the block (at most full)."""
+    return [min(f, math.ceil(w / block) * block) for w, f in zip(widths, full)]
+
+
+def latency_widths(model: CifarResNet, ratio: float, round_to: int, block: int) -> list[int]:
+    """Per-stage widths at uniform widths' multiply-add budget (within one channel of the costliest
+    stage) that cost the CPU least: fewest multiply-adds with widths padded to its channel `block`.
+    A width below the block costs what the block costs, so filters removed there buy no speed: this
+    takes them where they do. Among equally cheap ones: the narrowest stage widest (as a fraction of
+    its full width), then the most multiply-adds."""
+    full = model.inner_widths()
+    n = len(full) // 3
+    stage_full = full[::n]
+
+    def macs(stage_widths) -> int:
+        return count_macs(CifarResNet(model.depth, model.num_classes, [w for w in stage_widths for _ in range(n)]))
+
+    # Multiply-adds are linear in each stage's width: an offset and a slope per stage.
+    offset = macs([1, 1, 1])
+    slopes = np.array([macs([2 if s == t else 1 for t in range(3)]) - offset for s in range(3)])
+    budget = macs([kept_width(f, ratio, round_to) for f in stage_full])
+    widths = np.stack(np.meshgrid(*(np.arange(1, f + 1) for f in stage_full), indexing="ij"), -1).reshape(-1, 3)
+    padded = np.minimum(np.ceil(widths / block) * block, stage_full)
+    cost, padded_cost = offset + (widths - 1) @ slopes, offset + (padded - 1) @ slopes
+    narrowest = (widths / np.array(stage_full)).min(1)
+    fits = (cost <= budget) & (cost > budget - slopes.max())
+    best = widths[fits][np.lexsort((-cost[fits], -narrowest[fits], padded_cost[fits]))[0]]
+    return [int(w) for w in best for _ in range(n)]
+
+
+def block_widths(model: CifarResNet, cfg: SecondConfig) -> list[int]:
+    """The width each block's conv1 keeps under cfg's ratio, rounding and allocation."""
+    if cfg.allocation == "latency":
+        return latency_widths(model, cfg.ratio, cfg.round_to, cfg.channel_block or cpu_channel_block())
+    return [kept_width(f, cfg.ratio, cfg.round_to) for f in model.inner_widths()]
 
 
 def _folded_conv1(block: BasicBlock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +190,14 @@ def shrink_block(block: BasicBlock, k: int, cfg: SecondConfig) -> tuple[BasicBlo
 def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, dict]:
     """Shrink every block of a copy of `model`; returns it and a record per block."""
     model = copy.deepcopy(model).eval()
+    widths = iter(block_widths(model, cfg))
     blocks = []
     for stage in (model.layer1, model.layer2, model.layer3):
         for i, block in enumerate(stage):
-            k = kept_width(block.conv1.out_channels, cfg.ratio, cfg.round_to)
-            stage[i], record = shrink_block(block, k, cfg)
+            stage[i], record = shrink_block(block, next(widths), cfg)
             blocks.append(record)
-    return model, {"blocks": blocks, "inner_widths": model.inner_widths(), "keep": cfg.keep}
+    return model, {"blocks": blocks, "inner_widths": model.inner_widths(), "keep": cfg.keep,
+                   "allocation": cfg.allocation}
 
 
 def _stem(model: CifarResNet, x: torch.Tensor) -> torch.Tensor:
