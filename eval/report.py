@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from toolchain.io import atomic_path
+from toolchain.sweep import row_allocation
 
 COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
@@ -49,13 +50,15 @@ def _options(row: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted((row.get("options") or {}).items()))
 
 
-def _allocation(row: dict) -> str:
-    return (row.get("options") or {}).get("allocation", "uniform")
+def _stage_widths(row: dict) -> str:
+    """Inner widths of the first block of each stage, e.g. 8/16/32; empty for unpruned models."""
+    w = row.get("inner_widths")
+    return "/".join(str(w[i * len(w) // 3]) for i in range(3)) if w else ""
 
 
 def _label(row: dict) -> str:
     """The series a row belongs to: method, a non-uniform allocation, int8 centroids."""
-    allocation = _allocation(row)
+    allocation = row_allocation(row)
     return (row["method"] + ("" if allocation == "uniform" else f" {allocation}")
             + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else ""))
 
@@ -190,10 +193,8 @@ def allocation_groups(rows: list[dict]) -> list[tuple[float, list[dict]]]:
     for r in rows:
         if r["method"] == "second":
             by_ratio.setdefault(r["ratio"], []).append(r)
-    return [(ratio, sorted(group, key=_allocation, reverse=True)) for ratio, group in sorted(by_ratio.items())
-            if len(group) > 1]
-
-
+    return [(ratio, sorted(group, key=lambda r: row_allocation(r) != "uniform"))  # uniform first
+            for ratio, group in sorted(by_ratio.items()) if len(group) > 1]
 
 def size_rows(rows: list[dict]) -> tuple[dict | None, list[dict]]:
     """The int8 size peer's row and method first's rows (float and int8 centroids)."""
@@ -217,7 +218,7 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
                 ax.plot(*zip(*pts), "-o", label=label)
             baseline_line(ax, 100 * base["accuracy"])
             ax.set(xlabel="fine-tuning epochs (0: before fine-tuning)", ylabel="test accuracy (%)",
-                   title=f"ratio {ratio:g}, widths {'/'.join(map(str, second['inner_widths'][::len(second['inner_widths']) // 3]))}")
+                   title=f"ratio {ratio:g}, widths {_stage_widths(second)}")
             ax.legend(fontsize=7)
         save(fig, "peer_structural.png", "Method second against L1-norm pruning")
     peer, firsts = size_rows(rows)
@@ -309,15 +310,14 @@ def _allocation_markdown(rows: list[dict]) -> str:
     verdicts = []
     for ratio, group in groups:
         for r in group:
-            w = r["inner_widths"]
             speedup, ideal = r.get("speedup_b256"), r.get("ideal_speedup")
-            lines.append(f"| {ratio:g} | {_allocation(r)} | {'/'.join(str(w[i * len(w) // 3]) for i in range(3))} | "
+            lines.append(f"| {ratio:g} | {row_allocation(r)} | {_stage_widths(r)} | "
                          f"{r['macs'] / base['macs']:.3f} | {_pct(r['accuracy'])} | {r.get('speedup_b1', float('nan')):.2f} | "
                          f"{speedup or float('nan'):.2f} | {ideal or float('nan'):.2f} | "
                          f"{speedup / ideal if speedup and ideal else float('nan'):.2f} |")
         fastest = max(group, key=lambda r: r.get("speedup_b256") or 0)
         verdicts += ["", f"**Fastest at ratio {ratio:g}** ({fastest['macs'] / base['macs']:.3f}x the baseline's "
-                     f"multiply-adds): {_allocation(fastest)}, {fastest.get('speedup_b256', float('nan')):.2f}x at "
+                     f"multiply-adds): {row_allocation(fastest)}, {fastest.get('speedup_b256', float('nan')):.2f}x at "
                      f"batch 256 against an ideal {fastest.get('ideal_speedup') or float('nan'):.2f}x, at "
                      f"{_pct(fastest['accuracy'])}% accuracy."]
     return "\n".join(lines + verdicts + [""])
@@ -354,8 +354,7 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        w = r.get("inner_widths") if r["method"] in ("second", "l1") else None
-        widths = "/".join(str(w[i * len(w) // 3]) for i in range(3)) if w else ""  # first block per stage
+        widths = _stage_widths(r) if r["method"] in ("second", "l1") else ""
         ideal = f"{r['ideal_speedup']:.2f}" if r.get("ideal_speedup") else ""
         lines.append(
             f"| {_label(r)} | {r['ratio']:g} | {_options(r)} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "

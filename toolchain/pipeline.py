@@ -102,12 +102,12 @@ def method_options(method: str, options: dict) -> dict:
 
 def method_config(cfg: ExportConfig):
     """The method's own config (FirstConfig, SecondConfig, L1Config; None for none) from cfg."""
+    if cfg.method == "none":
+        return None  # before the imports: the sweep's shared settings and the baseline need none of them
     from .methods.first import FirstConfig
     from .methods.l1_peer import L1Config
     from .methods.second import SecondConfig, cpu_channel_block
 
-    if cfg.method == "none":
-        return None
     options = method_options(cfg.method, cfg.method_options)
     if cfg.method == "first":
         return FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **options)

@@ -30,11 +30,15 @@ class SweepConfig:
             self.export = ExportConfig()
 
 
+def row_allocation(row: dict) -> str:
+    """How a row's model spread its filters over the layers (--allocation); uniform where not recorded."""
+    return (row.get("options") or {}).get("allocation", "uniform")
+
+
 def _slot(row: dict) -> str:
     """Which model a row is for (and so which file it writes): the allocation gives other shapes,
     so rows of two allocations stand side by side; other options replace each other."""
-    allocation = (row.get("options") or {}).get("allocation", "uniform")
-    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{allocation}"
+    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{row_allocation(row)}"
 
 
 def _key(row: dict) -> str:
