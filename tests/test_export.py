@@ -93,7 +93,8 @@ def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
         results.append(run_export(cfg, log=lambda _: None))
     a, b = results
     assert set(a.manifest["accuracy"]) == {"clustered", "reconstructed", "finetuned"}
-    assert len(a.manifest["reconstruction"]) == (19 if method == "first" else 9)  # layers / blocks refit
+    # layers refit (first); blocks refit, then the classifier (second)
+    assert len(a.manifest["reconstruction"]) == (19 if method == "first" else 9 + 1)
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest == b.manifest
     assert set(a.manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "cifar-filter-toolchain"}

@@ -1,9 +1,18 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from conftest import random_resnet20
-from toolchain.least_squares import capture, relative_error, solve_conv_weight
+from toolchain.least_squares import _columns, capture, refit_classifier, relative_error, solve_conv_weight
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)),
+                                                     ((1, 1), (2, 2), (0, 0)), ((3, 1), (1, 2), (0, 1))])
+def test_columns_are_unfolds(kernel, stride, padding):
+    x = torch.randn(2, 3, 9, 8)
+    expected = F.unfold(x, kernel, padding=padding, stride=stride).transpose(1, 2).reshape(-1, 3 * kernel[0] * kernel[1])
+    assert torch.equal(_columns(x, kernel, stride, padding), expected)
 
 
 @torch.no_grad()
@@ -30,3 +39,17 @@ def test_capture_gives_layer_inputs_and_outputs_and_stops_early():
     assert torch.allclose(outputs[0], model.conv1(x), atol=1e-5)
     assert torch.allclose(outputs[1], model.layer1[0].conv1(stem), atol=1e-5)
     assert not reached_classifier
+
+
+@torch.no_grad()
+def test_classifier_refit_recovers_the_original_classifier_from_the_same_features():
+    original = random_resnet20().eval()
+    model = random_resnet20().eval()
+    model.load_state_dict(original.state_dict())
+    model.linear.weight.normal_()
+    model.linear.bias.normal_()
+    x = torch.randn(96, 3, 32, 32)
+    errors = refit_classifier(model, original, x, ridge=1e-9, batch_size=32)
+    assert errors["relative_error_before"] > 0.5
+    assert errors["relative_error_after"] < 1e-6
+    torch.testing.assert_close(model(x), original(x), atol=1e-3, rtol=1e-3)

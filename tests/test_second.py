@@ -102,6 +102,22 @@ def test_exported_graph_is_smaller_and_matches(tmp_path, monkeypatch):
     assert result.max_abs_diff < 1e-4
 
 
+@torch.no_grad()
+def test_refit_keeps_an_unpruned_model_and_fixes_its_classifier():
+    """Every filter kept: each refit target is what the block already computes (conv1 on the same
+    input, conv2 on the inverse of BN2 of the block output less its shortcut), so the refit must
+    keep the function; a spoiled classifier must come back from the logits."""
+    original = random_resnet20().eval()
+    pruned, info = apply_second(original, SecondConfig(ratio=0.005))
+    assert info["inner_widths"] == original.inner_widths()
+    pruned.linear.weight.mul_(-1)
+    x = torch.randn(128, 3, 32, 32)
+    errors = reconstruct(pruned, original, x, ridge=1e-9)
+    assert errors[-1]["relative_error_before"] > 1
+    assert max(e["relative_error_after"] for e in errors) < 1e-6, errors
+    torch.testing.assert_close(pruned(x[:8]), original(x[:8]), atol=1e-3, rtol=1e-3)
+
+
 def test_least_squares_helps_on_held_out_real_images(baseline, train_split, test_split):
     pruned, _ = apply_second(baseline.model, SecondConfig(ratio=0.5, n_init=2))
     held_out = to_tensor(test_split.subset(256, seed=1).images)

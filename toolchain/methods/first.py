@@ -19,7 +19,7 @@ from torch import nn
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, capture, solve_conv_weight
-from ..models import bn_scale, rescale_bn_input
+from ..models import BasicBlock, CifarResNet, bn_scale, rescale_bn_input
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -153,7 +153,7 @@ def _output_scale(bn: nn.BatchNorm2d | None, channels: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_centroids(model: nn.Module, original: nn.Module, images: torch.Tensor, ridge: float = 1e-3,
+def refit_centroids(model: CifarResNet, original: CifarResNet, images: torch.Tensor, ridge: float = 1e-3,
                     batch_size: int = 256) -> list[dict]:
     """Data-aware centroids: layer by layer in network order, each centroid becomes the filter
     whose output best reproduces, at the BN output, its members' outputs in the original model.
@@ -165,14 +165,14 @@ def refit_centroids(model: nn.Module, original: nn.Module, images: torch.Tensor,
     """
     modules, source = dict(model.named_modules()), dict(original.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, SharedConv2d) and m.scale is None]
-    targets = capture(original, [source[name] for name in names], images, "output", batch_size)
+    targets = dict(zip(names, capture(original, [source[name] for name in names], images, "output", batch_size)))
     errors = []
-    for name, target in zip(names, targets):
-        conv = modules[name]
+    for name, conv, x in _conv_inputs(model, images, batch_size):
+        if name not in targets:
+            continue
         a = _output_scale(_bn_after(source, name), conv.out_channels)
         a_new = _output_scale(_bn_after(modules, name), conv.out_channels)
-        x = capture(model, [conv], images, "input", batch_size)[0]
-        target = target * a.view(1, -1, 1, 1)
+        target = targets.pop(name) * a.view(1, -1, 1, 1)
 
         def error() -> float:
             out = batched(conv, x, batch_size)
@@ -188,6 +188,26 @@ def refit_centroids(model: nn.Module, original: nn.Module, images: torch.Tensor,
         if bn is not None:  # after the error: `error` holds this BN's scale from before
             _rescale_centroids(conv, bn, _member_norms(source[name].weight, conv.assignment, len(conv.centroids)))
     return errors
+
+
+@torch.no_grad()
+def _conv_inputs(model: CifarResNet, images: torch.Tensor, batch_size: int):
+    """(name, conv, its input) for every conv of a CIFAR ResNet in network order, each input
+    computed by the model as it is when the caller gets there, so a conv refit in between feeds
+    the convs after it: one forward pass in all rather than one per conv."""
+    model.eval()
+
+    def after(conv, bn, x):
+        return F.relu(bn(conv(x)))
+
+    yield "conv1", model.conv1, images
+    x = batched(lambda v: after(model.conv1, model.bn1, v), images, batch_size)
+    for name, block in model.named_modules():
+        if isinstance(block, BasicBlock):
+            yield f"{name}.conv1", block.conv1, x
+            hidden = batched(lambda v: after(block.conv1, block.bn1, v), x, batch_size)
+            yield f"{name}.conv2", block.conv2, hidden
+            x = batched(block, x, batch_size)
 
 
 def _member_norms(weight: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:

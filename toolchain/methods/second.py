@@ -26,7 +26,7 @@ from torch import nn
 
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
-from ..least_squares import batched, relative_error, solve_conv_weight
+from ..least_squares import batched, refit_classifier, relative_error, solve_conv_weight
 from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, count_macs, rescale_bn_input, set_bn_affine
 
 
@@ -222,9 +222,14 @@ def _paired_blocks(pruned: CifarResNet, original: CifarResNet, images: torch.Ten
         o_in = batched(o_block, o_in, batch_size)
 
 
-def _after_conv2(block: BasicBlock) -> nn.Module:
-    """conv2 then BN2: what the block adds to its shortcut (the function the refit must keep)."""
-    return nn.Sequential(block.conv2, block.bn2)
+def _residual(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the block adds to its shortcut: BN2 of conv2 of the hidden layer."""
+    return block.bn2(block.conv2(_conv2_input(block, x)))
+
+
+def _block_sum(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's output before its final ReLU: residual plus shortcut."""
+    return _residual(block, x) + block.shortcut(x)
 
 
 @torch.no_grad()
@@ -237,46 +242,65 @@ def _rescale_filters(conv: nn.Conv2d, bn: nn.BatchNorm2d, norms: torch.Tensor) -
 
 
 @torch.no_grad()
-def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
-                ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
-    """Refit each block's conv2 by ridge least squares, block by block in network order.
+def _refit_conv1(p_block: BasicBlock, p_in: torch.Tensor, o_in: torch.Tensor, ridge: float, batch_size: int):
+    """conv1 on the pruned network's input reproduces what its kept filters computed on the
+    original's input (the drift of earlier blocks corrected); filter norms and BN1's function kept."""
+    norms = p_block.conv1.weight.flatten(1).norm(dim=1)
+    target = batched(p_block.conv1, o_in, batch_size)
+    p_block.conv1.weight.copy_(solve_conv_weight(p_block.conv1, p_in, target, ridge, batch_size))
+    _rescale_filters(p_block.conv1, p_block.bn1, norms)
 
-    Features: the pruned block's conv2 input, computed from the pruned network's own block
-    input (so earlier blocks' errors are corrected too). Target: the original block's conv2
-    output on the original network's block input. BN1 statistics are set from the same images.
-    The refit conv2 then gets the filter norms the original's would have with the dropped
-    inputs removed (BN2 keeping the function), as the L1 peer's plainly cut conv2 has: least
-    squares leaves them larger. (Measured at ratio 0.5 after 5 fine-tuning epochs: 86.25% with,
-    86.15% without, one run each.)
-    Returns the relative squared error of each block's output (BN2's) before and after.
+
+@torch.no_grad()
+def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
+                classifier_images: torch.Tensor | None = None, ridge: float = 1e-3,
+                batch_size: int = 256) -> list[dict]:
+    """Refit each block by ridge least squares, block by block in network order, then the classifier.
+
+    Each block is fed by the pruned network's own earlier blocks, so their errors are corrected
+    too: conv1 first reproduces its kept filters' outputs on the original's input, then conv2 is
+    refit so that the block's output (residual plus shortcut, before the ReLU) matches the
+    original block's: the shortcut carries the earlier blocks' error, and conv2 makes up for it.
+    BN1 statistics are set from the same images. The refit conv2 then gets the filter norms the
+    original's would have with the dropped inputs removed (BN2 keeping the function), as the L1
+    peer's plainly cut conv2 has: least squares leaves them larger. Last, the classifier is refit
+    to the original's logits (see `refit_classifier`) on `classifier_images` (default: `images`).
+    Measured at ratio 0.5 / 0.8 on 10,000 test images before fine-tuning: conv2 alone against the
+    original residual 69.5 / 17.5%; with the shortcut's error made up 71.7 / 24.6%; with conv1
+    refit too 73.3 / 29.7%; with the classifier refit on 4,096 other images 78.3 / 54.7%.
+    Returns the relative squared error of each block's output and of the logits, before and after.
     """
     errors = []
     for index, p_block, o_block, p_in, o_in in _paired_blocks(pruned, original, images, batch_size):
+        target = batched(lambda x: _block_sum(o_block, x), o_in, batch_size)
+        before = relative_error(lambda x: _block_sum(p_block, x), p_in, target, batch_size)
+        _refit_conv1(p_block, p_in, o_in, ridge, batch_size)
         scale, shift = bn_affine(p_block.bn1)  # BN1 computes scale * conv1 output + shift
         z = batched(p_block.conv1, p_in, batch_size)
         stats = z.transpose(0, 1).flatten(1)
         set_bn_affine(p_block.bn1, scale, shift, stats.mean(1), stats.var(1))  # same function, real statistics
         hidden = F.relu(p_block.bn1(z))
-        conv2_target = batched(lambda v: o_block.conv2(_conv2_input(o_block, v)), o_in, batch_size)
-        target = batched(o_block.bn2, conv2_target, batch_size)
-        before = relative_error(_after_conv2(p_block), hidden, target, batch_size)
-        # BN2 is still the original's here, so matching conv2 outputs matches the block outputs.
+        # BN2 is still the original's here: conv2's target is its inverse applied to what the
+        # residual must add to the pruned shortcut.
+        scale2, shift2 = bn_affine(p_block.bn2)
+        residual = target - batched(p_block.shortcut, p_in, batch_size)
+        conv2_target = (residual - shift2.view(1, -1, 1, 1)) / scale2.view(1, -1, 1, 1)
         p_block.conv2.weight.copy_(solve_conv_weight(p_block.conv2, hidden, conv2_target, ridge, batch_size))
         kept_share = p_block.conv2.in_channels / o_block.conv2.in_channels
         _rescale_filters(p_block.conv2, p_block.bn2, o_block.conv2.weight.flatten(1).norm(dim=1) * kept_share ** 0.5)
         errors.append({"block": index, "relative_error_before": before,
-                       "relative_error_after": relative_error(_after_conv2(p_block), hidden, target, batch_size)})
+                       "relative_error_after": relative_error(lambda x: _block_sum(p_block, x), p_in, target,
+                                                               batch_size)})
+    classifier_images = images if classifier_images is None else classifier_images
+    errors.append({"classifier": True, **refit_classifier(pruned, original, classifier_images, ridge, batch_size)})
     return errors
 
 
 @torch.no_grad()
 def block_errors(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor,
                  batch_size: int = 256) -> list[float]:
-    """Relative squared error of each pruned block's output (BN2's) against the original's,
-    each network fed by its own earlier blocks (as in `reconstruct`)."""
-    def output(block, x):
-        return batched(lambda v: _after_conv2(block)(_conv2_input(block, v)), x, batch_size)
-
-    return [relative_error(_after_conv2(p_block), batched(lambda x: _conv2_input(p_block, x), p_in, batch_size),
-                           output(o_block, o_in), batch_size)
+    """Relative squared error of each pruned block's output (before its ReLU) against the
+    original's, each network fed by its own earlier blocks (as in `reconstruct`)."""
+    return [relative_error(lambda x: _block_sum(p_block, x), p_in,
+                            batched(lambda x: _block_sum(o_block, x), o_in, batch_size), batch_size)
             for _, p_block, o_block, p_in, o_in in _paired_blocks(pruned, original, images, batch_size)]
