@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import BasicBlock
+
 
 def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -48,8 +50,13 @@ def solve_conv_weight(conv: nn.Module, inputs: torch.Tensor, target: torch.Tenso
         # float32 products per batch (fast), summed over batches in float64
         gram += (cols.T @ cols).double()
         cross += (cols.T @ y).double()
-    gram += ridge * gram.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
-    return torch.linalg.solve(gram, cross).T.reshape(channels, conv.in_channels, *kernel).float()
+    return _ridge_solve(gram, cross, ridge).T.reshape(channels, conv.in_channels, *kernel).float()
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ||A W - Y||^2 + ridge * mean(diag(A^T A)) * ||W||^2 from gram = A^T A, cross = A^T Y."""
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram, cross)
 
 
 @torch.no_grad()
@@ -61,9 +68,7 @@ def refit_classifier(model: nn.Module, original: nn.Module, images: torch.Tensor
     features = capture(model, [model.linear], images, "input", batch_size)[0].double()
     target = batched(original.eval(), images, batch_size).double()
     design = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], 1)
-    gram = design.T @ design
-    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, design.T @ target)
+    solution = _ridge_solve(design.T @ design, design.T @ target, ridge)
 
     def error() -> float:
         return float(((batched(model.linear, features.float(), batch_size) - target) ** 2).sum() / (target ** 2).sum())
@@ -72,6 +77,19 @@ def refit_classifier(model: nn.Module, original: nn.Module, images: torch.Tensor
     model.linear.weight.copy_(solution[:-1].T.float())
     model.linear.bias.copy_(solution[-1].float())
     return {"relative_error_before": before, "relative_error_after": error()}
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, images: torch.Tensor, batch_size: int = 256):
+    """(name, block, its input) for each residual block of a CIFAR ResNet in network order, in eval
+    mode. Each input is computed when the caller asks for the next block, by the model as it is
+    then: a layer refit in between feeds the blocks after it, in one forward pass in all."""
+    model.eval()
+    x = batched(model.stem, images, batch_size)
+    for name, block in model.named_modules():
+        if isinstance(block, BasicBlock):
+            yield name, block, x
+            x = batched(block, x, batch_size)
 
 
 @torch.no_grad()

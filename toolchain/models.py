@@ -81,10 +81,12 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = ShortcutA(in_planes, planes) if stride != 1 or in_planes != planes else nn.Identity()
 
+    def hidden(self, x):
+        """The block's inner activation: conv2's input."""
+        return F.relu(self.bn1(self.conv1(x)))
+
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.bn2(self.conv2(self.hidden(x))) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -121,9 +123,12 @@ class CifarResNet(nn.Module):
     def inner_widths(self) -> list[int]:
         return [b.conv1.out_channels for b in self.blocks()]
 
+    def stem(self, x):
+        """The first conv's activation: the first block's input."""
+        return F.relu(self.bn1(self.conv1(x)))
+
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.linear(x)
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
-from ..least_squares import batched, capture, solve_conv_weight
-from ..models import BasicBlock, CifarResNet, bn_scale, rescale_bn_input
+from ..least_squares import batched, block_inputs, capture, solve_conv_weight
+from ..models import CifarResNet, bn_scale, rescale_bn_input
 
 FEATURES = ("raw", "bn-weighted", "scaled")
 ALLOCATIONS = ("uniform", "global")
@@ -187,27 +187,19 @@ def refit_centroids(model: CifarResNet, original: CifarResNet, images: torch.Ten
         bn = _bn_after(modules, name)
         if bn is not None:  # after the error: `error` holds this BN's scale from before
             _rescale_centroids(conv, bn, _member_norms(source[name].weight, conv.assignment, len(conv.centroids)))
+    if targets:
+        raise ValueError(f"the refit walks a CIFAR ResNet's convs and never reached {', '.join(targets)}")
     return errors
 
 
-@torch.no_grad()
 def _conv_inputs(model: CifarResNet, images: torch.Tensor, batch_size: int):
     """(name, conv, its input) for every conv of a CIFAR ResNet in network order, each input
-    computed by the model as it is when the caller gets there, so a conv refit in between feeds
-    the convs after it: one forward pass in all rather than one per conv."""
-    model.eval()
-
-    def after(conv, bn, x):
-        return F.relu(bn(conv(x)))
-
+    computed by the model as it is when the caller gets there (see `block_inputs`), so a conv
+    refit in between feeds the convs after it."""
     yield "conv1", model.conv1, images
-    x = batched(lambda v: after(model.conv1, model.bn1, v), images, batch_size)
-    for name, block in model.named_modules():
-        if isinstance(block, BasicBlock):
-            yield f"{name}.conv1", block.conv1, x
-            hidden = batched(lambda v: after(block.conv1, block.bn1, v), x, batch_size)
-            yield f"{name}.conv2", block.conv2, hidden
-            x = batched(block, x, batch_size)
+    for name, block, x in block_inputs(model, images, batch_size):
+        yield f"{name}.conv1", block.conv1, x
+        yield f"{name}.conv2", block.conv2, batched(block.hidden, x, batch_size)
 
 
 def _member_norms(weight: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..clustering import clusters_for, kmeans
 from ..errors import ConfigError
-from ..least_squares import batched, refit_classifier, relative_error, solve_conv_weight
+from ..least_squares import batched, block_inputs, refit_classifier, relative_error, solve_conv_weight
 from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, count_macs, rescale_bn_input, set_bn_affine
 
 
@@ -200,31 +200,18 @@ def apply_second(model: CifarResNet, cfg: SecondConfig) -> tuple[CifarResNet, di
                    "allocation": cfg.allocation}
 
 
-def _stem(model: CifarResNet, x: torch.Tensor) -> torch.Tensor:
-    return F.relu(model.bn1(model.conv1(x)))
-
-
-def _conv2_input(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
-    return F.relu(block.bn1(block.conv1(x)))
-
-
 def _paired_blocks(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor, batch_size: int):
     """(index, pruned block, original block, its input, the original's input) in network order,
-    each network fed by its own earlier blocks. The next inputs are computed after the caller
-    is done with a pair, so a block refit in between feeds the blocks after it."""
-    pruned.eval()
-    original.eval()
-    p_in = batched(lambda x: _stem(pruned, x), images, batch_size)
-    o_in = batched(lambda x: _stem(original, x), images, batch_size)
-    for index, (p_block, o_block) in enumerate(zip(pruned.blocks(), original.blocks())):
+    each network fed by its own earlier blocks (`block_inputs`: a block refit before the caller
+    asks for the next pair feeds the blocks after it)."""
+    pairs = zip(block_inputs(pruned, images, batch_size), block_inputs(original, images, batch_size))
+    for index, ((_, p_block, p_in), (_, o_block, o_in)) in enumerate(pairs):
         yield index, p_block, o_block, p_in, o_in
-        p_in = batched(p_block, p_in, batch_size)
-        o_in = batched(o_block, o_in, batch_size)
 
 
 def _residual(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
     """What the block adds to its shortcut: BN2 of conv2 of the hidden layer."""
-    return block.bn2(block.conv2(_conv2_input(block, x)))
+    return block.bn2(block.conv2(block.hidden(x)))
 
 
 def _block_sum(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
