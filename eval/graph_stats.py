@@ -11,7 +11,7 @@ def onnx_params(proto: onnx.ModelProto) -> int:
     """Elements of floating-point initializers (indices and shapes are not parameters)."""
     return int(sum(np.prod(t.dims, dtype=np.int64) for t in proto.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                      onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8)))
+                                      onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8, onnx.TensorProto.INT4)))
 
 
 def onnx_macs(proto: onnx.ModelProto) -> int:

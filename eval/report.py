@@ -197,7 +197,7 @@ def allocation_groups(rows: list[dict]) -> list[tuple[float, list[dict]]]:
             for ratio, group in sorted(by_ratio.items()) if len(group) > 1]
 
 def size_rows(rows: list[dict]) -> tuple[dict | None, list[dict]]:
-    """The int8 size peer's row and method first's rows (float and int8 centroids)."""
+    """The int8 size peer's row and method first's rows (float, int8 and 4-bit centroids)."""
     peer = next((r for r in rows if r["method"] == INT8_PEER), None)
     return peer, [r for r in rows if r["method"] == "first"]
 
@@ -224,7 +224,9 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     peer, firsts = size_rows(rows)
     if peer and firsts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for bits, label in ((None, "method first, float centroids"), (8, "method first, int8 centroids")):
+        for bits in sorted({r.get("centroid_bits") or 32 for r in firsts}, reverse=True):
+            bits, label = (None, "method first, float centroids") if bits == 32 else \
+                (bits, f"method first, {bits}-bit centroids")
             series = sorted((r for r in firsts if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
             if series:
                 ax.plot([r["model_bytes"] / 1e3 for r in series], [100 * r["accuracy"] for r in series], "-o", label=label)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import torch
+from onnx import numpy_helper
 
 from toolchain.errors import ToolchainError
 from toolchain.io import atomic_path, check_writable
@@ -22,6 +24,7 @@ from toolchain.io import atomic_path, check_writable
 from .manifest import set_metadata, write_manifest
 
 OPSET = 17
+INT4_OPSET = 21  # the first opset whose Cast reads INT4 tensors (method first's 4-bit centroids)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TOLERANCE = 1e-4
 
@@ -62,11 +65,12 @@ def max_logit_difference(model: torch.nn.Module, onnx_path: Path, inputs: torch.
 
 
 def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
-                check_inputs: torch.Tensor, *, keep_structure: bool = False,
+                check_inputs: torch.Tensor, *, keep_structure: bool = False, int4: tuple[str, ...] = (),
                 tolerance: float = TOLERANCE) -> ExportResult:
     """Export `model` to `out` atomically, check it against PyTorch, embed and write the manifest.
 
     `keep_structure` keeps BatchNorm nodes and un-folded weight expressions (method first).
+    `int4` names int8 initializers holding 4-bit codes, to be stored as INT4 (see `store_int4`).
     The check runs on the final graph; the manifest goes into the file's metadata_props and
     beside it (`<out stem>.manifest.json`, which adds the file's bytes). Both files appear
     only once everything succeeded.
@@ -77,6 +81,8 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
         proto = onnx.load(str(tmp))
         proto.producer_name = "cifar-filter-toolchain"
         compact_names(proto.graph)
+        if int4:
+            proto = store_int4(proto, int4)
         onnx.save(proto, str(tmp))
         diff = max_logit_difference(model, tmp, check_inputs)
         if not diff <= tolerance:
@@ -87,6 +93,30 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
         onnx.save(proto, str(tmp))
         manifest = write_manifest(out, manifest, sized_from=tmp)
     return ExportResult(out, diff, manifest)
+
+
+def store_int4(proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+    """The model with these int8 initializers (codes within -8..7) stored as INT4, two codes a byte.
+
+    The graph is unchanged: the Cast that turns the codes into floats reads INT4 from opset 21 on,
+    so the model moves to opset 21 (ONNX's own converter), and ONNX Runtime folds that Cast at load
+    as it does for int8 (no DequantizeLinear: it would stay in the graph)."""
+    proto = onnx.version_converter.convert_version(proto, INT4_OPSET)
+    wanted = set(names)
+    for i, tensor in enumerate(proto.graph.initializer):
+        if tensor.name not in wanted:
+            continue
+        codes = numpy_helper.to_array(tensor)
+        if codes.dtype != np.int8 or codes.min(initial=0) < -8 or codes.max(initial=0) > 7:
+            raise ValueError(f"initializer {tensor.name} does not hold 4-bit codes")
+        nibbles = np.append(codes.flatten(), np.int8(0) if codes.size % 2 else []).astype(np.uint8) & 0xF
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)  # ONNX's layout: the first code in the low nibble
+        proto.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
+            tensor.name, onnx.TensorProto.INT4, codes.shape, packed.tobytes(), raw=True))
+        wanted.discard(tensor.name)
+    if wanted:
+        raise ValueError(f"no int8 initializer named {', '.join(sorted(wanted))}")
+    return proto
 
 
 def check_output_path(out: str | os.PathLike) -> Path:

@@ -92,7 +92,7 @@ def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
                            out=str(out))
         results.append(run_export(cfg, log=lambda _: None))
     a, b = results
-    assert set(a.manifest["accuracy"]) == {"clustered", "reconstructed", "finetuned"}
+    assert set(a.manifest["accuracy"]) == {"reconstructed", "finetuned"}  # no --stage-accuracy
     # layers refit (first); blocks refit, then the classifier (second)
     assert len(a.manifest["reconstruction"]) == (19 if method == "first" else 9 + 1)
     assert a.path.read_bytes() == b.path.read_bytes()
@@ -104,7 +104,7 @@ def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
 def test_no_reconstruct_recalibrates_instead(tmp_path, baseline_path, data_root, method):
     out = tmp_path / f"{method}.onnx"
     result = run_cli("export", "--method", method, "--checkpoint", baseline_path, "--data", data_root,
-                     "--no-reconstruct", "--finetune-epochs", "0", "--test-limit", "200", "--out", out,
+                     "--no-reconstruct", "--finetune-epochs", "0", "--test-limit", "200", "--stage-accuracy", "--out", out,
                      "--json", "-")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)

@@ -9,8 +9,8 @@ from onnx import numpy_helper
 
 from toolchain.clustering import allocate_budget, clusters_for, kmeans
 from toolchain.data import to_tensor
-from toolchain.methods.first import (FirstConfig, SharedConv2d, apply_first, quantize_centroids, refit_centroids,
-                                     shared_convs)
+from toolchain.methods.first import (FirstConfig, SharedConv2d, apply_first, centroid_scales, quantize_centroids,
+                                     refit_centroids, shared_convs, train_quantized)
 from toolchain.models import build_model, count_params
 from toolchain.pipeline import ExportConfig, run_export
 from toolchain.training import TrainConfig, evaluate, fit, recalibrate_bn
@@ -147,7 +147,7 @@ def test_finetuning_keeps_filters_shared(model, train_split):
         assert len(torch.unique(conv.weight.flatten(1), dim=0)) == record["k"]
 
 
-@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("bits", [None, 8, 4])
 def test_onnx_file_holds_centroids_not_full_weights(tmp_path, bits, monkeypatch):
     monkeypatch.delenv("CIFAR10_ROOT", raising=False)
     torch.manual_seed(0)
@@ -164,10 +164,17 @@ def test_onnx_file_holds_centroids_not_full_weights(tmp_path, bits, monkeypatch)
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     conv_weights = [n.input[1] for n in proto.graph.node if n.op_type == "Conv"]
     assert not any(w in inits for w in conv_weights)  # every conv weight is built by a Gather
+    types = {t.name: t.data_type for t in proto.graph.initializer}
     for record in result.manifest["layers"]:
-        centroids = inits[f"{record['layer']}.centroids"]
-        assert centroids.shape[0] == record["k"]
-        assert centroids.dtype == (np.int8 if bits else np.float32)
+        name = f"{record['layer']}.centroids"
+        assert inits[name].shape[0] == record["k"]
+        assert types[name] == {None: onnx.TensorProto.FLOAT, 8: onnx.TensorProto.INT8, 4: onnx.TensorProto.INT4}[bits]
+    if bits == 4:  # two codes a byte in the file; INT4 needs opset 21
+        assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {21}
+        raw = sum(len(t.raw_data) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT4)
+        codes = sum(inits[f"{r['layer']}.centroids"].size for r in result.manifest["layers"])
+        assert raw == sum((inits[f"{r['layer']}.centroids"].size + 1) // 2 for r in result.manifest["layers"])
+        assert raw < 0.51 * codes
     # ONNX Runtime folds the Gather (and Cast/Mul) at load and gives PyTorch's logits.
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -185,3 +192,54 @@ def test_int8_centroids_are_close_to_float(model):
     quantize_centroids(clustered)
     assert all(c.centroids.dtype == torch.int8 for c in shared_convs(clustered))
     assert torch.allclose(before, clustered(x), atol=0.05 * before.abs().max().item())
+
+
+def test_4bit_codes_store_what_was_fine_tuned(model):
+    """Fine-tuning through fake quantization learns the very weights the 4-bit codes store."""
+    clustered, _ = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.5, n_init=1))
+    train_quantized(clustered, 4)
+    x = torch.randn(4, 3, 32, 32)
+    trained = clustered(x)
+    centroids = shared_convs(clustered)[5].centroids
+    clustered(x).square().mean().backward()  # straight through the rounding: every centroid gets a gradient
+    assert centroids.grad is not None and (centroids.grad.flatten(1).abs().sum(1) > 0).all()
+    stored = copy.deepcopy(clustered)
+    quantize_centroids(stored, 4)
+    for conv in shared_convs(stored):
+        assert conv.centroids.dtype == torch.int8 and conv.centroids.abs().max() <= 7
+        assert len(torch.unique(conv.centroids.flatten())) <= 15
+    assert torch.equal(stored(x), trained)
+
+
+def test_4bit_scales_clip_where_that_lowers_the_error():
+    torch.manual_seed(0)
+    centroids = torch.randn(32, 16, 3, 3)
+    centroids[:, 0, 0, 0] = 8.0  # one outlier per centroid: the full range would waste the levels
+    def error(scale):
+        return ((torch.round(centroids / scale).clamp(-7, 7) * scale - centroids) ** 2).sum()
+    full_range = centroids.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 7
+    assert error(centroid_scales(centroids, 4)) < 0.9 * error(full_range)
+    assert torch.equal(centroid_scales(centroids, 8), centroids.abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 127)
+
+
+@pytest.mark.parametrize("bits", [3, 16])
+def test_unsupported_centroid_bits_are_a_clear_error(bits):
+    from toolchain.errors import ToolchainError
+    with pytest.raises(ToolchainError, match="4 or 8 bits"):
+        ExportConfig(method="first", centroid_bits=bits)
+
+
+def test_4bit_export_after_fine_tuning_on_real_images(tmp_path, baseline_path, data_root):
+    """Fine-tuned with the rounding in the loop, the 4-bit file gives the fine-tuned model's accuracy
+    (the same function), and ONNX Runtime agrees with it on real test images."""
+    from eval.accuracy import evaluate_onnx
+    from toolchain.data import load_split
+    out = tmp_path / "int4.onnx"
+    result = run_export(ExportConfig(method="first", ratio=0.3, centroid_bits=4, checkpoint=str(baseline_path),
+                                     data=str(data_root), finetune_epochs=1, train_limit=512, test_limit=500,
+                                     calibration_images=256, out=str(out)), log=print)
+    accuracy = result.manifest["accuracy"]
+    assert accuracy["quantized"] == accuracy["finetuned"] > 0.5
+    assert result.manifest["centroid_bits"] == 4
+    onnx_accuracy = evaluate_onnx(out, load_split(data_root, "test").subset(500))["accuracy"]
+    assert onnx_accuracy == pytest.approx(accuracy["quantized"], abs=0.004)

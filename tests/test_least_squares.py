@@ -4,15 +4,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import random_resnet20
-from toolchain.least_squares import _columns, capture, refit_classifier, relative_error, solve_conv_weight
+from toolchain.least_squares import _patches, capture, refit_classifier, relative_error, solve_conv_weight
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)),
                                                      ((1, 1), (2, 2), (0, 0)), ((3, 1), (1, 2), (0, 1))])
-def test_columns_are_unfolds(kernel, stride, padding):
+def test_patches_are_unfolds(kernel, stride, padding):
     x = torch.randn(2, 3, 9, 8)
-    expected = F.unfold(x, kernel, padding=padding, stride=stride).transpose(1, 2).reshape(-1, 3 * kernel[0] * kernel[1])
-    assert torch.equal(_columns(x, kernel, stride, padding), expected)
+    expected = F.unfold(x, kernel, padding=padding, stride=stride).transpose(0, 1).reshape(3 * kernel[0] * kernel[1], -1)
+    assert torch.equal(_patches(x, kernel, stride, padding), expected)
 
 
 @torch.no_grad()

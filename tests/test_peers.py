@@ -48,7 +48,8 @@ def test_l1_peer_exports_and_recalibration_recovers_accuracy_on_real_images(base
 
     out = tmp_path / "l1.onnx"
     result = run_export(ExportConfig(method="l1", ratio=0.5, round_to=1, checkpoint=str(baseline_path),
-                                     data=str(data_root), finetune_epochs=0, test_limit=1000, out=str(out)),
+                                     data=str(data_root), finetune_epochs=0, test_limit=1000, stage_accuracy=True,
+                                     out=str(out)),
                         log=print)
     accuracy = result.manifest["accuracy"]
     assert set(accuracy) == {"pruned", "recalibrated"}  # no least-squares step for the peer

@@ -134,31 +134,54 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
               help="Fine-tuning epochs when data is available (0 to skip).")
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
-@click.option("--centroid-bits", type=click.Choice(["8"]), help="Method first: store centroids as int8.")
+@click.option("--centroid-bits", type=click.Choice(["4", "8"]),
+              help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
+                   "(fine-tuned with the rounding in the loop).")
 @compression_options
 @click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
+@click.option("--stage-accuracy", is_flag=True,
+              help="Also measure accuracy right after compression, before the refit (one more pass over the test "
+                   "images; the sweep always does).")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
-           features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, json_out):
+           features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, stage_accuracy,
+           json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
+
+    _refuse_options_of_other_methods(method)
 
     options = {"features": features, "allocation": allocation, "keep": keep}
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
-                       reconstruct=not no_reconstruct, method_options=options)
+                       reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, method_options=options)
     with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
         result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"),
                             rank=world.rank, world_size=world.size)
     if result is not None:
         emit_json(json_out, result.manifest)
+
+
+# Options that only some methods take: given to another, they would be silently ignored.
+METHOD_OPTIONS = {"centroid_bits": ("first",), "features": ("first",), "keep": ("second",),
+                  "round_to": ("second", "l1")}
+
+
+def _refuse_options_of_other_methods(method: str) -> None:
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for name, methods in METHOD_OPTIONS.items():
+        if method not in methods and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            raise ToolchainError(f"--{name.replace('_', '-')} is an option of method {' and '.join(methods)}, "
+                                 f"not of {method}")
 
 
 @cli.command(name="eval")
@@ -210,10 +233,13 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
+@click.option("--centroid-bits", "extra_bits", type=click.Choice(["4"]), multiple=True,
+              help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
+                   "in the loop).")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to,
-          features, allocation, keep, no_reconstruct, train_limit, test_limit, repeats, out):
+          features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""
@@ -230,7 +256,8 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
                               reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
     try:
         run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,
-                              export=export_cfg, repeats=repeats), log=click.echo)
+                              export=export_cfg, repeats=repeats,
+                              trained_bits=tuple(int(b) for b in extra_bits)), log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished ratios are kept in {out}/results.json; "
                    "run the same command again to continue", err=True)

@@ -18,26 +18,27 @@ def batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _columns(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
-    """The conv's input patches, one row per output position, ordered as the weight's
-    (in_channels, kh, kw): F.unfold's columns, built from strided slices (6x faster here than
-    F.unfold and its transpose, which took most of a refit's time)."""
+def _patches(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """The conv's input patches as a (in_channels * kh * kw, positions) matrix, rows ordered as the
+    weight's (in_channels, kh, kw): F.unfold's columns, transposed. Built from strided slices in one
+    copy (F.unfold and a transpose to this layout took most of a refit's time)."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    padded = F.pad(x, (pw, pw, ph, ph))
-    patches = [padded[:, :, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw]
-               for dy in range(kh) for dx in range(kw)]
-    return torch.stack(patches, 2).permute(0, 3, 4, 1, 2).reshape(-1, c * kh * kw)
+    padded = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1)
+    return torch.stack([padded[:, :, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw]
+                        for dy in range(kh) for dx in range(kw)], 1).reshape(c * kh * kw, -1)
 
 
 @torch.no_grad()
 def solve_conv_weight(conv: nn.Module, inputs: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3,
-                      batch_size: int = 256) -> torch.Tensor:
+                      batch_size: int = 64) -> torch.Tensor:
     """argmin_W ||conv_W(inputs) - target||^2 + ridge * mean(diag) * ||W||^2, bias-free.
 
     `conv` gives the geometry (kernel, stride, padding); returns W shaped
-    (target channels, in_channels, kh, kw).
+    (target channels, in_channels, kh, kw). Patches are built `batch_size` images at a time:
+    64 ran a method-first refit 1.3-1.8 s (of 9-10 s) faster than 256 here, the patches
+    staying in the caches.
     """
     kernel = tuple(conv.kernel_size)
     dim = conv.in_channels * kernel[0] * kernel[1]
@@ -45,11 +46,11 @@ def solve_conv_weight(conv: nn.Module, inputs: torch.Tensor, target: torch.Tenso
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     cross = torch.zeros(dim, channels, dtype=torch.float64)
     for i in range(0, len(inputs), batch_size):
-        cols = _columns(inputs[i:i + batch_size], kernel, conv.stride, conv.padding)
-        y = target[i:i + batch_size].permute(0, 2, 3, 1).reshape(-1, channels)
+        patches = _patches(inputs[i:i + batch_size], kernel, conv.stride, conv.padding)
+        y = target[i:i + batch_size].transpose(0, 1).reshape(channels, -1)
         # float32 products per batch (fast), summed over batches in float64
-        gram += (cols.T @ cols).double()
-        cross += (cols.T @ y).double()
+        gram += (patches @ patches.T).double()
+        cross += (patches @ y.T).double()
     return _ridge_solve(gram, cross, ridge).T.reshape(channels, conv.in_channels, *kernel).float()
 
 

@@ -79,9 +79,12 @@ def distillation_loss(logits, labels, teacher_logits, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 500,
+def evaluate(model: nn.Module, split: Split, batch_size: int = 100,
              mean=CIFAR10_MEAN, std=CIFAR10_STD, progress: bool = False) -> float:
-    """Top-1 accuracy (0..1) of a PyTorch model on a split."""
+    """Top-1 accuracy (0..1) of a PyTorch model on a split.
+
+    Batches of 100 by default: on this 2-core machine 10,000 images took 3.0 s against 5-6 s in
+    batches of 500, whose activations no longer stay in the caches."""
     was_training = model.training
     model.eval()
     correct = 0

@@ -56,11 +56,17 @@ class SharedConv2d(nn.Module):
         self.centroids = nn.Parameter(centroids.clone())
         # int32 indices: half the bytes of int64 in the file, and valid Gather indices.
         self.register_buffer("assignment", assignment.to(torch.int32))
-        self.register_buffer("scale", None)  # per-centroid scale once centroids are int8
+        self.register_buffer("scale", None)  # per-centroid scale once centroids are integer codes
+        self.bits: int | None = None  # code width once quantized; while fine-tuning, the width trained for
 
     @property
     def weight(self) -> torch.Tensor:
-        table = self.centroids if self.scale is None else self.centroids.float() * self.scale
+        if self.scale is not None:
+            table = self.centroids.float() * self.scale
+        elif self.bits is not None:
+            table = fake_quantize(self.centroids, self.bits)
+        else:
+            table = self.centroids
         return table.index_select(0, self.assignment)
 
     def forward(self, x):
@@ -179,7 +185,7 @@ def refit_centroids(model: CifarResNet, original: CifarResNet, images: torch.Ten
             return float(((out * a_new.view(1, -1, 1, 1) - target) ** 2).sum() / (target ** 2).sum())
 
         before = error()
-        per_filter = solve_conv_weight(conv, x, target / a_new.view(1, -1, 1, 1), ridge, batch_size).flatten(1)
+        per_filter = solve_conv_weight(conv, x, target / a_new.view(1, -1, 1, 1), ridge).flatten(1)
         members = F.one_hot(conv.assignment.long(), len(conv.centroids)).double() * (a_new ** 2).double()[:, None]
         centroids = (members.T @ per_filter.double()) / members.sum(0).clamp_min(1e-12)[:, None]
         conv.centroids.copy_(centroids.view_as(conv.centroids).float())
@@ -224,21 +230,73 @@ def shared_convs(model: nn.Module) -> list[SharedConv2d]:
     return [m for m in model.modules() if isinstance(m, SharedConv2d)]
 
 
+BITS = (4, 8)
+TRAINED_BITS = 4  # codes this narrow are fine-tuned with quantization in the loop (see quantize_centroids)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ConfigError(f"centroids are stored with {' or '.join(map(str, BITS))} bits, got {bits}")
+
+
+def _levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # symmetric codes: -127..127 for 8 bits, -7..7 for 4
+
+
+@torch.no_grad()
+def centroid_scales(centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per centroid, shaped to broadcast over it. 8 bits: the largest magnitude maps to the
+    largest code. Fewer bits: the clipping of the largest magnitude (100% down to 50%) with the least
+    squared error, since with 7 levels a side, one outlier would coarsen the step of every other weight."""
+    flat, levels = centroids.detach().float().flatten(1), _levels(bits)
+    fractions = torch.tensor([1.0]) if bits == 8 else torch.linspace(1.0, 0.5, 11)
+    scales = fractions[:, None] * flat.abs().amax(1).clamp_min(1e-12) / levels  # (fractions, centroids)
+    errors = torch.stack([((_round_codes(flat, s[:, None], levels) * s[:, None] - flat) ** 2).sum(1) for s in scales])
+    best = scales.gather(0, errors.argmin(0, keepdim=True))[0]  # ties go to the larger range
+    return best.view(-1, *([1] * (centroids.ndim - 1)))
+
+
+def _round_codes(values: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.round(values / scale).clamp(-levels, levels)
+
+
+def fake_quantize(centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """The centroids as their `bits`-bit codes will give them back, with a straight-through gradient
+    (the rounding counts as the identity), so fine-tuning learns weights that survive the rounding."""
+    scale = centroid_scales(centroids, bits)
+    quantized = _round_codes(centroids, scale, _levels(bits)) * scale
+    return centroids + (quantized - centroids).detach()
+
+
+def train_quantized(model: nn.Module, bits: int) -> None:
+    """Let every shared conv fine-tune through `bits`-bit fake quantization (`quantize_centroids`
+    afterwards stores exactly the values trained with)."""
+    check_bits(bits)
+    for m in shared_convs(model):
+        m.bits = bits
+
+
+def int4_tables(model: nn.Module) -> tuple[str, ...]:
+    """Names of the centroid tables stored as 4-bit codes: the exporter writes them as INT4."""
+    return tuple(f"{name}.centroids" for name, m in model.named_modules()
+                 if isinstance(m, SharedConv2d) and m.scale is not None and m.bits == 4)
+
+
 @torch.no_grad()
 def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
-    """Store each centroid as int8 with one float scale (symmetric, per centroid).
+    """Store each centroid as `bits`-bit integer codes with one float scale (symmetric, per centroid).
 
-    Rebuilt in the graph by Cast + Mul, which ONNX Runtime constant-folds at load
-    (unlike DequantizeLinear, which it keeps for its quantized kernels).
+    Codes are int8 tensors here (4-bit ones within -7..7; the ONNX file stores those as INT4),
+    rebuilt in the graph by Cast + Mul, which ONNX Runtime constant-folds at load (unlike
+    DequantizeLinear, which it keeps for its quantized kernels). 8-bit codes cost no measurable
+    accuracy after a float fine-tune; 4-bit codes are fine-tuned with the rounding in the loop
+    (`train_quantized`).
     """
-    if bits != 8:
-        raise ConfigError(f"only 8-bit centroids are supported, got {bits}")
+    check_bits(bits)
     for m in shared_convs(model):
         if m.scale is not None:
             continue
         c = m.centroids.detach()
-        scale = c.abs().flatten(1).amax(1).clamp_min(1e-12) / 127.0
-        shape = (-1,) + (1,) * (c.ndim - 1)
-        q = torch.round(c / scale.view(shape)).clamp(-127, 127).to(torch.int8)
-        m.centroids = nn.Parameter(q, requires_grad=False)
-        m.scale = scale.view(shape).float()
+        scale = centroid_scales(c, bits)
+        m.centroids = nn.Parameter(_round_codes(c, scale, _levels(bits)).to(torch.int8), requires_grad=False)
+        m.scale, m.bits = scale.float(), bits

@@ -234,7 +234,7 @@ def _refit_conv1(p_block: BasicBlock, p_in: torch.Tensor, o_in: torch.Tensor, ri
     original's input (the drift of earlier blocks corrected); filter norms and BN1's function kept."""
     norms = p_block.conv1.weight.flatten(1).norm(dim=1)
     target = batched(p_block.conv1, o_in, batch_size)
-    p_block.conv1.weight.copy_(solve_conv_weight(p_block.conv1, p_in, target, ridge, batch_size))
+    p_block.conv1.weight.copy_(solve_conv_weight(p_block.conv1, p_in, target, ridge))
     _rescale_filters(p_block.conv1, p_block.bn1, norms)
 
 
@@ -272,7 +272,7 @@ def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor
         scale2, shift2 = bn_affine(p_block.bn2)
         residual = target - batched(p_block.shortcut, p_in, batch_size)
         conv2_target = (residual - shift2.view(1, -1, 1, 1)) / scale2.view(1, -1, 1, 1)
-        p_block.conv2.weight.copy_(solve_conv_weight(p_block.conv2, hidden, conv2_target, ridge, batch_size))
+        p_block.conv2.weight.copy_(solve_conv_weight(p_block.conv2, hidden, conv2_target, ridge))
         kept_share = p_block.conv2.in_channels / o_block.conv2.in_channels
         _rescale_filters(p_block.conv2, p_block.bn2, o_block.conv2.weight.flatten(1).norm(dim=1) * kept_share ** 0.5)
         errors.append({"block": index, "relative_error_before": before,
