@@ -98,10 +98,11 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
 def store_int4(proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
     """The model with these int8 initializers (codes within -8..7) stored as INT4, two codes a byte.
 
-    The graph is unchanged: the Cast that turns the codes into floats reads INT4 from opset 21 on,
-    so the model moves to opset 21 (ONNX's own converter), and ONNX Runtime folds that Cast at load
-    as it does for int8 (no DequantizeLinear: it would stay in the graph)."""
+    The nodes stay as they are, but the Cast that turns the codes into floats reads INT4 only from
+    opset 21 on: the model moves to opset 21 (ONNX's own converter) and to the IR version that INT4
+    needs. ONNX Runtime folds that Cast at load as it does for int8 (a DequantizeLinear would stay)."""
     proto = onnx.version_converter.convert_version(proto, INT4_OPSET)
+    proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import)))
     wanted = set(names)
     for i, tensor in enumerate(proto.graph.initializer):
         if tensor.name not in wanted:
@@ -109,7 +110,7 @@ def store_int4(proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProt
         codes = numpy_helper.to_array(tensor)
         if codes.dtype != np.int8 or codes.min(initial=0) < -8 or codes.max(initial=0) > 7:
             raise ValueError(f"initializer {tensor.name} does not hold 4-bit codes")
-        nibbles = np.append(codes.flatten(), np.int8(0) if codes.size % 2 else []).astype(np.uint8) & 0xF
+        nibbles = np.concatenate([codes.ravel(), np.zeros(codes.size % 2, np.int8)]).view(np.uint8) & 0xF
         packed = nibbles[0::2] | (nibbles[1::2] << 4)  # ONNX's layout: the first code in the low nibble
         proto.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
             tensor.name, onnx.TensorProto.INT4, codes.shape, packed.tobytes(), raw=True))

@@ -126,6 +126,18 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert seconds[1]["macs"] <= seconds[0]["macs"] and Path(seconds[1]["file"]).name == "second_r0.5_latency.onnx"
     text = (report / "report.md").read_text()
     assert "the same multiply-adds on other widths" in text and "**Fastest at ratio 0.5**" in text
+    assert all(r.get("accuracy_clustered") or r.get("accuracy_pruned") for r in both
+               if r["method"] in ("first", "second", "l1"))  # the sweep measures every stage
+    # 4-bit centroids: a fine-tune of their own, added beside the float and int8 rows.
+    four = run_cli("sweep", "--method", "first", "--centroid-bits", "4", *args[args.index("--ratios"):])
+    assert four.returncode == 0 and four.stdout.count("already done, skipped") == 2, four.stderr
+    rows4 = json.loads((report / "results.json").read_text())["rows"]
+    assert [r["centroid_bits"] for r in rows4 if r["method"] == "first"] == [None, 4, 8]
+    int4 = next(r for r in rows4 if r["centroid_bits"] == 4)
+    assert Path(int4["file"]).name == "first_r0.5_int4.onnx" and int4["model_bytes"] < first_int8["model_bytes"]
+    assert "first int4 r0.5" in (report / "report.md").read_text()
+    refused = run_cli("sweep", "--method", "second", "--centroid-bits", "4", *args[args.index("--ratios"):])
+    assert refused.returncode == 2 and "sweep --method first too" in refused.stderr
 
 
 def test_ideal_speedup_pads_widths_to_the_channel_block():

@@ -171,7 +171,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
 
 # Options that only some methods take: given to another, they would be silently ignored.
 METHOD_OPTIONS = {"centroid_bits": ("first",), "features": ("first",), "keep": ("second",),
-                  "round_to": ("second", "l1")}
+                  "round_to": ("second", "l1"), "no_reconstruct": ("first", "second")}
 
 
 def _refuse_options_of_other_methods(method: str) -> None:

@@ -29,6 +29,13 @@ class SweepConfig:
     def __post_init__(self):
         if self.export is None:
             self.export = ExportConfig()
+        from .methods.first import TRAINED_BITS
+        self.trained_bits = tuple(dict.fromkeys(self.trained_bits))
+        if set(self.trained_bits) - {TRAINED_BITS}:
+            raise ToolchainError(f"centroids fine-tuned with their rounding have {TRAINED_BITS} bits, "
+                                 f"got {self.trained_bits}")
+        if self.trained_bits and "first" not in self.methods:
+            raise ToolchainError("--centroid-bits adds rows of method first: sweep --method first too")
 
 
 def row_allocation(row: dict) -> str:
@@ -115,8 +122,9 @@ def _variants(cfg: ExportConfig) -> list[ExportConfig]:
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Export and evaluate every (method, ratio), then benchmark and write the report.
 
-    Method first is exported twice from the same fine-tuned model (float and int8 centroids);
-    when it is swept, ONNX Runtime's int8 quantization of the baseline is added as its size peer.
+    Method first is exported twice from the same fine-tuned model (float and int8 centroids), and
+    once more per `trained_bits` from a fine-tune of its own; when it is swept, ONNX Runtime's int8
+    quantization of the baseline is added as its size peer. Every stage's accuracy is measured.
     """
     from eval.accuracy import evaluate_onnx
     from eval.bench import BenchConfig, bench, machine

@@ -262,7 +262,9 @@ def _round_codes(values: torch.Tensor, scale: torch.Tensor, levels: int) -> torc
 
 def fake_quantize(centroids: torch.Tensor, bits: int) -> torch.Tensor:
     """The centroids as their `bits`-bit codes will give them back, with a straight-through gradient
-    (the rounding counts as the identity), so fine-tuning learns weights that survive the rounding."""
+    (the rounding counts as the identity, clipped weights included: the clipping moves with the
+    weights, since the scale is chosen anew at every step), so fine-tuning learns weights that
+    survive the rounding."""
     scale = centroid_scales(centroids, bits)
     quantized = _round_codes(centroids, scale, _levels(bits)) * scale
     return centroids + (quantized - centroids).detach()
