@@ -73,6 +73,8 @@ CASES = [
     ("round-to for method first", lambda t, b, d: ["export", "--round-to", "8"],
      "--round-to is an option of method second and l1, not of first"),
     ("centroid bits 3", lambda t, b, d: ["export", "--centroid-bits", "3"], "Invalid value for '--centroid-bits'"),
+    ("feature distillation without a teacher", lambda t, b, d: ["export", "--distill-features", "1", "--no-distill"],
+     "--distill-features takes a weight of 0 or more, and the teacher"),
     ("data missing", lambda t, b, d: ["eval", b, "--data", t / "nowhere"], "does not exist"),
     ("data empty", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "empty")], "no test/ folder"),
     ("data wrong layout", lambda t, b, d: ["eval", b, "--data", _mkdir(t / "flat", "img.png")], "no test/ folder"),

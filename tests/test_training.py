@@ -125,3 +125,45 @@ def test_torchrun_fine_tunes_an_export(tmp_path, data_root, baseline_path):
     manifest = json.loads((tmp_path / "first.manifest.json").read_text())
     assert len(manifest["finetune_history"]) == 1
     assert manifest["accuracy"]["finetuned"] > 0.15  # the fine-tuned model is sound (chance is 0.10)
+
+
+def test_block_outputs_and_feature_loss():
+    import pytest
+    from toolchain.errors import ConfigError
+    from toolchain.training import block_outputs, feature_loss
+    model, x = random_resnet20(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), block_outputs(model) as outputs:
+        model(x)
+    assert len(outputs) == 9 and outputs[-1].shape == (2, 64, 8, 8)
+    with torch.no_grad():
+        model(x)
+    assert len(outputs) == 9  # the hooks are gone once the block is left
+    assert float(feature_loss(outputs, outputs)) == 0
+    assert float(feature_loss([2 * o for o in outputs], outputs)) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="residual blocks"):
+        feature_loss(outputs[:-1], outputs)
+
+
+def test_feature_distillation_pulls_blocks_towards_the_teacher(baseline, train_split):
+    """On real images: with the block outputs in the loss, a spoiled copy's blocks move closer to the teacher's."""
+    import copy
+    from toolchain.training import block_outputs, feature_loss
+    images = train_split.subset(256, seed=3)
+    x = torch.from_numpy(images.images[:64]).permute(0, 3, 1, 2).float() / 255
+
+    def block_error(model):
+        with torch.no_grad(), block_outputs(model.eval()) as s, block_outputs(baseline.model.eval()) as t:
+            model(x), baseline.model(x)
+        return float(feature_loss(s, t))
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        student = copy.deepcopy(baseline.model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn_like(p) * p.abs().mean())
+        fit(student, images, None, TrainConfig(epochs=1, batch_size=64, lr=0.01, feature_distill_weight=weight),
+            teacher=baseline.model, log=lambda _: None)
+        errors[weight] = block_error(student)
+    assert errors[1.0] < errors[0.0]

@@ -134,6 +134,9 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
               help="Fine-tuning epochs when data is available (0 to skip).")
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
+@click.option("--distill-features", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Also match the residual blocks' outputs to the original model's, with this weight "
+                   "(1 measured best-so-far for method second: see the README).")
 @click.option("--centroid-bits", type=click.Choice(["4", "8"]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
@@ -147,7 +150,8 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
               help="Also measure accuracy right after compression, before the refit (one more pass over the test "
                    "images; the sweep always does).")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
-def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, centroid_bits,
+def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
+           centroid_bits,
            features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, stage_accuracy,
            json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
@@ -159,6 +163,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
     options = {"features": features, "allocation": allocation, "keep": keep}
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
+                       distill_features=distill_features,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
                        reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, method_options=options)

@@ -74,9 +74,10 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
         return []  # a damaged results file is rebuilt
     previous = dict(earlier.get("config", {}).get("export", {}))
     options = previous.pop("method_options", {})  # recorded per row since; older files kept them here
-    if previous and previous != config["export"]:
-        changed = sorted(k for k in set(previous) | set(config["export"])
-                         if previous.get(k) != config["export"].get(k))
+    defaults = asdict(ExportConfig(method="none"))  # settings added since a file was written had these
+    changed = sorted(k for k in set(previous) | set(config["export"])
+                     if previous.get(k, defaults.get(k)) != config["export"].get(k, defaults.get(k)))
+    if previous and changed:
         raise ToolchainError(f"{path} holds results made with other settings ({', '.join(changed)}); "
                              "use another --out or remove that folder")
     rows = earlier.get("rows", [])
