@@ -265,7 +265,7 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
         **info, "versions": versions(),
     }
     result = export_onnx(model, out, manifest, check_inputs(ckpt, data), keep_structure=cfg.method == "first",
-                         int4=int4_tables(model) if cfg.method == "first" else ())
+                         int4=int4_tables(model))
     log(f"wrote {out} ({result.manifest['model_bytes']:,} bytes); ONNX Runtime vs PyTorch "
         f"max abs difference {result.max_abs_diff:.2e}")
     return result

@@ -203,6 +203,7 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
     if teacher is not None:
         teacher.eval()
     net = data_parallel(model, world_size)
+    features = cfg.feature_distill_weight > 0 and teacher is not None  # block outputs in the loss
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -213,7 +214,6 @@ def fit(model: nn.Module, train: Split, test: Split | None, cfg: TrainConfig, *,
                    disable=None if rank == 0 else True, mininterval=2.0)
         for x, y in bar:
             x = x.contiguous(memory_format=torch.channels_last)
-            features = cfg.feature_distill_weight > 0 and teacher is not None
             with block_outputs(model if features else None) as student_blocks:
                 logits = net(x)
             if teacher is not None:
