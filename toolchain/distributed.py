@@ -33,6 +33,9 @@ def torchrun_world():
     dist.init_process_group("gloo")
     try:
         yield World(dist.get_rank(), dist.get_world_size())
+        # Leave together: rank 1 once aborted (SIGABRT) tearing the group down while rank 0 still
+        # exported. Not on an exception: a barrier could then meet another rank's all-reduce.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
