@@ -9,6 +9,7 @@ from pathlib import Path
 
 from toolchain.io import atomic_path
 from toolchain.sweep import row_allocation
+from toolchain.training import TrainConfig
 
 COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
@@ -342,6 +343,14 @@ def _machines(rows: list[dict]) -> str:
                      f"channel block {m['channel_block']}" for m in map(json.loads, seen))
 
 
+def _distillation(export: dict) -> str:
+    if not export["distill"]:
+        return ""
+    # Records written before the option existed were fine-tuned at the training loop's default.
+    temperature = export.get("distill_temperature", TrainConfig.distill_temperature)
+    return f" with distillation from the original (temperature {temperature:g})"
+
+
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
     rows = results["rows"]
     base = next(r for r in rows if r["method"] == "baseline")
@@ -349,7 +358,7 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
     lines = ["# Filter-clustering sweep", "",
              f"Source: `{export.get('checkpoint') or 'shipped baseline'}`; test images: {base['test_images']}; "
              f"fine-tuning budget: {export['finetune_epochs']} epochs at peak lr {export['finetune_lr']}"
-             f"{' with distillation from the original' if export['distill'] else ''}. Latency: ONNX Runtime CPU, "
+             f"{_distillation(export)}. Latency: ONNX Runtime CPU, "
              f"median of interleaved repeats, speed-up against the baseline in the same run; {_machines(rows)}. "
              "*ideal*: the multiply-adds ratio with block widths padded to that CPU's channel block.", "",
              "| method | ratio | options | widths | params | MACs (M) | bytes | x base | compressed | recon. | recal. | final | "

@@ -167,3 +167,16 @@ def test_feature_distillation_pulls_blocks_towards_the_teacher(baseline, train_s
             teacher=baseline.model, log=lambda _: None)
         errors[weight] = block_error(student)
     assert errors[1.0] < errors[0.0]
+
+
+def test_distill_temperature_reaches_the_fine_tune(baseline, train_split, test_split, monkeypatch):
+    """--distill-temperature is the temperature the export's fine-tune distils with (real images)."""
+    import copy
+    from toolchain import training
+    from toolchain.pipeline import Data, ExportConfig, finetune
+    used, loss = [], training.distillation_loss
+    monkeypatch.setattr(training, "distillation_loss", lambda *a: used.append(a[-1].distill_temperature) or loss(*a))
+    data = Data(train_split.subset(256, seed=1), test_split.subset(100, seed=1))
+    cfg = ExportConfig(method="none", finetune_epochs=1, distill_temperature=8.0)
+    history = finetune(copy.deepcopy(baseline.model), baseline.model, baseline, data, cfg, log=lambda _: None)
+    assert used == [8.0, 8.0] and history[0]["test_accuracy"] > 0.8  # 2 batches of 128; still a sound model

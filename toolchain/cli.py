@@ -121,6 +121,12 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
+# export and sweep: the fine-tune's distillation temperature
+distill_temperature_option = click.option(
+    "--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+    help="Softmax temperature of the logit distillation (see the README for 4 against 8).")
+
+
 @cli.command()
 @click.option("--method", type=click.Choice(["first", "second", "l1", "none"]), default="first", show_default=True,
               help="first: shared centroid filters; second: smaller residual blocks; l1: the peer of second "
@@ -137,6 +143,7 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
 @click.option("--distill-features", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Also match the residual blocks' outputs to the original model's, with this weight "
                    "(1 measured best-so-far for method second: see the README).")
+@distill_temperature_option
 @click.option("--centroid-bits", type=click.Choice(["4", "8"]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
@@ -151,7 +158,7 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
                    "images; the sweep always does).")
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
-           centroid_bits,
+           distill_temperature, centroid_bits,
            features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, stage_accuracy,
            json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
@@ -163,7 +170,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
     options = {"features": features, "allocation": allocation, "keep": keep}
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
-                       distill_features=distill_features,
+                       distill_features=distill_features, distill_temperature=distill_temperature,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
                        reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, method_options=options)
@@ -235,6 +242,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--round-to", type=click.IntRange(1), help="Methods second and l1: channel multiple of kept widths.")
+@distill_temperature_option
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
@@ -243,7 +251,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
                    "in the loop).")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
-def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to,
+def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_temperature,
           features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
@@ -257,7 +265,8 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
     # The settings all rows share; each row sets its own method and ratio (and is validated then).
     export_cfg = ExportConfig(method="none", checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
-                              finetune_lr=finetune_lr, round_to=round_to, train_limit=train_limit, test_limit=test_limit,
+                              finetune_lr=finetune_lr, distill_temperature=distill_temperature, round_to=round_to,
+                              train_limit=train_limit, test_limit=test_limit,
                               reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
     try:
         run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,

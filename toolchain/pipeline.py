@@ -33,6 +33,7 @@ class ExportConfig:
     finetune_lr: float = 0.01
     distill: bool = True
     distill_features: float = 0.0  # weight of the residual blocks' outputs matched to the original's
+    distill_temperature: float = TrainConfig.distill_temperature  # softmax temperature of the logit distillation
     centroid_bits: int | None = None  # method first: 8 for int8 centroids, 4 for packed 4-bit ones
     round_to: int | None = None  # method second: channel multiple of kept widths
     # Data-aware least-squares refit (first: centroids, second: each block's conv2) on calibration
@@ -59,6 +60,9 @@ class ExportConfig:
             raise ToolchainError("--finetune-epochs must be 0 or more")
         if self.distill_features < 0 or (self.distill_features and not self.distill):
             raise ToolchainError("--distill-features takes a weight of 0 or more, and the teacher (not with --no-distill)")
+        if not self.distill_temperature > 0 or (self.distill_temperature != TrainConfig.distill_temperature
+                                                  and not self.distill):
+            raise ToolchainError("--distill-temperature takes a temperature above 0, and the teacher (not with --no-distill)")
         if self.method == "first" and self.centroid_bits is not None:
             from .methods.first import check_bits
             check_bits(self.centroid_bits)
@@ -168,7 +172,7 @@ def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, lo
              rank: int = 0, world_size: int = 1) -> list[dict]:
     """A few epochs of the training loop at a low learning rate, distilling from the original."""
     tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       feature_distill_weight=cfg.distill_features)
+                       feature_distill_weight=cfg.distill_features, distill_temperature=cfg.distill_temperature)
     history = fit(model, data.train, data.test, tcfg, teacher=teacher if cfg.distill else None,
                   mean=ckpt.mean, std=ckpt.std, log=log, rank=rank, world_size=world_size)
     # Wall times stay in the log: the manifest must be the same for the same command.
