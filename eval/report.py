@@ -9,7 +9,6 @@ from pathlib import Path
 
 from toolchain.io import atomic_path
 from toolchain.sweep import row_allocation
-from toolchain.training import TrainConfig
 
 COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
@@ -344,11 +343,8 @@ def _machines(rows: list[dict]) -> str:
 
 
 def _distillation(export: dict) -> str:
-    if not export["distill"]:
-        return ""
-    # Records written before the option existed were fine-tuned at the training loop's default.
-    temperature = export.get("distill_temperature", TrainConfig.distill_temperature)
-    return f" with distillation from the original (temperature {temperature:g})"
+    return f" with distillation from the original (temperature {export['distill_temperature']:g})" \
+        if export["distill"] else ""
 
 
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:

@@ -207,6 +207,7 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
 
     model, info = compress(cfg, ckpt)
     accuracy = {}
+    rounded_from_refit = cfg.method == "first" and cfg.centroid_bits == TRAINED_BITS
     if data is not None and cfg.method != "none":
         def measure(stage):
             if rank != 0:
@@ -219,7 +220,7 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
         refit = cfg.reconstruct and cfg.method in REFITS
         if refit:
             info["reconstruction"] = reconstruct(model, ckpt, data, cfg)
-        if cfg.method == "first" and cfg.centroid_bits == TRAINED_BITS:
+        if rounded_from_refit:
             # Rounded from here on: the statistics, the measurement and the fine-tune see the stored weights.
             train_quantized(model, cfg.centroid_bits)
         # After a refit the statistics move to the data while the function is kept (see recalibrate_bn).
@@ -233,7 +234,7 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
     if data is None and cfg.method != "none":
         log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
             "BN recalibration or fine-tuning")
-    if cfg.method == "first" and cfg.centroid_bits == TRAINED_BITS and not (data is not None and cfg.finetune_epochs):
+    if rounded_from_refit and not (data is not None and cfg.finetune_epochs):
         log(f"{TRAINED_BITS}-bit centroids rounded without fine-tuning: expect them to cost accuracy")
     return Compressed(model, ckpt, source, data, info, accuracy)
 
