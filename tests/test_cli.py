@@ -37,3 +37,18 @@ def test_export_then_eval_onnx_and_missing_cuda(tmp_path, baseline_path, data_ro
         result = run_cli("eval", out, "--data", data_root, "--limit", "10", "--provider", "cuda")
         assert result.returncode == 2
         assert "cuda is not available" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The CLI writes its defaults out (importing the library's would load torch for --help); they must agree."""
+    from dataclasses import MISSING, fields
+
+    from toolchain.cli import export, sweep
+    from toolchain.pipeline import ExportConfig
+
+    library = {f.name: f.default for f in fields(ExportConfig) if f.default is not MISSING}
+    for command, skip in ((export, set()), (sweep, {"out"})):  # the sweep's --out is a folder of its own
+        given = command.make_context(command.name, []).params  # what the command receives with no options
+        shared = {name: value for name, value in given.items() if name in library and name not in skip}
+        assert {"finetune_epochs", "finetune_lr", "distill_temperature"} <= set(shared)
+        assert shared == {name: library[name] for name in shared}, command.name

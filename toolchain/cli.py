@@ -121,7 +121,8 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
-# export and sweep: the fine-tune's distillation temperature
+# export and sweep: the fine-tune's distillation temperature. Defaults here are written out (importing
+# TrainConfig would load torch for --help); tests/test_cli.py keeps them equal to ExportConfig's.
 distill_temperature_option = click.option(
     "--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
     help="Softmax temperature of the logit distillation (see the README for 4 against 8).")
