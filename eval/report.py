@@ -343,8 +343,11 @@ def _machines(rows: list[dict]) -> str:
 
 
 def _distillation(export: dict) -> str:
-    return f" with distillation from the original (temperature {export['distill_temperature']:g})" \
-        if export["distill"] else ""
+    if not export["distill"]:
+        return ""
+    features = export.get("distill_features") or 0  # reports made before the term existed have none
+    blocks = f", residual block outputs at weight {features:g}" if features else ""
+    return f" with distillation from the original (logits at temperature {export['distill_temperature']:g}{blocks})"
 
 
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:

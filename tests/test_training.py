@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, random_resnet20
@@ -131,7 +132,6 @@ def test_torchrun_fine_tunes_an_export(tmp_path, data_root, baseline_path):
 
 
 def test_block_outputs_and_feature_loss():
-    import pytest
     from toolchain.errors import ConfigError
     from toolchain.training import block_outputs, feature_loss
     model, x = random_resnet20(), torch.randn(2, 3, 32, 32)
@@ -183,3 +183,22 @@ def test_distill_temperature_reaches_the_fine_tune(baseline, train_split, test_s
     cfg = ExportConfig(method="none", finetune_epochs=1, distill_temperature=8.0)
     history = finetune(copy.deepcopy(baseline.model), baseline.model, baseline, data, cfg, log=lambda _: None)
     assert used == [8.0, 8.0] and history[0]["test_accuracy"] > 0.8  # 2 batches of 128; still a sound model
+
+
+def test_feature_distillation_is_on_with_the_teacher_by_default(baseline, train_split, test_split, monkeypatch):
+    """The block-output term is on by default (weight FEATURE_WEIGHT) and reaches the export's fine-tune
+    (real images); --no-distill alone turns it off, while an explicit weight without a teacher is refused."""
+    import copy
+    from toolchain import training
+    from toolchain.errors import ToolchainError
+    from toolchain.pipeline import FEATURE_WEIGHT, Data, ExportConfig, finetune
+    assert FEATURE_WEIGHT > 0 and ExportConfig().distill_features == FEATURE_WEIGHT
+    assert ExportConfig(distill=False).distill_features == 0
+    with pytest.raises(ToolchainError, match="--distill-features"):
+        ExportConfig(distill=False, distill_features=FEATURE_WEIGHT)
+    terms, loss = [], training.feature_loss
+    monkeypatch.setattr(training, "feature_loss", lambda s, t: terms.append(len(t)) or loss(s, t))
+    data = Data(train_split.subset(128, seed=1), test_split.subset(100, seed=1))
+    finetune(copy.deepcopy(baseline.model), baseline.model, baseline, data, ExportConfig(method="none", finetune_epochs=1),
+             log=lambda _: None)
+    assert terms == [9]  # one batch, the 9 residual blocks of a ResNet20

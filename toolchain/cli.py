@@ -121,8 +121,12 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
-# export and sweep: the fine-tune's distillation temperature. Defaults here are written out (importing
+# export and sweep: the fine-tune's distillation settings. Defaults here are written out (importing
 # TrainConfig would load torch for --help); tests/test_cli.py keeps them equal to ExportConfig's.
+distill_features_option = click.option(
+    "--distill-features", type=click.FloatRange(min=0), show_default="1 with the teacher, 0 with --no-distill",
+    help="Weight of the residual blocks' outputs matched to the original model's during the fine-tune, beside "
+         "the logits (see the README).")
 distill_temperature_option = click.option(
     "--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
     help="Softmax temperature of the logit distillation (see the README for 4 against 8).")
@@ -141,9 +145,7 @@ distill_temperature_option = click.option(
               help="Fine-tuning epochs when data is available (0 to skip).")
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
-@click.option("--distill-features", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Also match the residual blocks' outputs to the original model's, with this weight "
-                   "(1 measured best-so-far for method second: see the README).")
+@distill_features_option
 @distill_temperature_option
 @click.option("--centroid-bits", type=click.Choice(["4", "8"]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
@@ -243,6 +245,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--round-to", type=click.IntRange(1), help="Methods second and l1: channel multiple of kept widths.")
+@distill_features_option
 @distill_temperature_option
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
@@ -252,7 +255,8 @@ def _ratio_list(value: str) -> tuple[float, ...]:
                    "in the loop).")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
-def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_temperature,
+def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_features,
+          distill_temperature,
           features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
@@ -266,7 +270,8 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
     # The settings all rows share; each row sets its own method and ratio (and is validated then).
     export_cfg = ExportConfig(method="none", checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
-                              finetune_lr=finetune_lr, distill_temperature=distill_temperature, round_to=round_to,
+                              finetune_lr=finetune_lr, distill_features=distill_features,
+                              distill_temperature=distill_temperature, round_to=round_to,
                               train_limit=train_limit, test_limit=test_limit,
                               reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
     try:

@@ -20,6 +20,9 @@ from .training import TrainConfig, evaluate, fit, recalibrate_bn
 
 METHODS = ("first", "second", "l1", "none")  # l1: the structural peer (Torch-Pruning), for comparison
 REFITS = ("first", "second")  # methods with a data-aware least-squares refit
+# Default weight of the block-output distillation: at ratio 0.5 it gained method second 0.25 points
+# over four seeds after 5 epochs (86.57% against 86.32%); level for method first and the L1 peer.
+FEATURE_WEIGHT = 1.0
 
 
 @dataclass
@@ -32,7 +35,9 @@ class ExportConfig:
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     distill: bool = True
-    distill_features: float = 0.0  # weight of the residual blocks' outputs matched to the original's
+    # Weight of the residual blocks' outputs matched to the original's; None: FEATURE_WEIGHT with a
+    # teacher, 0 without. (The field stays None-able so that --no-distill alone turns it off.)
+    distill_features: float | None = None
     distill_temperature: float = TrainConfig.distill_temperature  # softmax temperature of the logit distillation
     centroid_bits: int | None = None  # method first: 8 for int8 centroids, 4 for packed 4-bit ones
     round_to: int | None = None  # method second: channel multiple of kept widths
@@ -58,6 +63,8 @@ class ExportConfig:
             raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
         if self.finetune_epochs < 0:
             raise ToolchainError("--finetune-epochs must be 0 or more")
+        if self.distill_features is None:
+            self.distill_features = FEATURE_WEIGHT if self.distill else 0.0
         if self.distill_features < 0 or (self.distill_features and not self.distill):
             raise ToolchainError("--distill-features takes a weight of 0 or more, and the teacher (not with --no-distill)")
         if not self.distill_temperature > 0 or (self.distill_temperature != TrainConfig.distill_temperature
