@@ -187,15 +187,19 @@ def test_distill_temperature_reaches_the_fine_tune(baseline, train_split, test_s
 
 def test_feature_distillation_is_on_with_the_teacher_by_default(baseline, train_split, test_split, monkeypatch):
     """The block-output term is on by default (weight FEATURE_WEIGHT) and reaches the export's fine-tune
-    (real images); --no-distill alone turns it off, while an explicit weight without a teacher is refused."""
+    (real images); --no-distill alone turns the teacher's settings off, a value given without one is refused."""
     import copy
     from toolchain import training
     from toolchain.errors import ToolchainError
     from toolchain.pipeline import FEATURE_WEIGHT, Data, ExportConfig, finetune
     assert FEATURE_WEIGHT > 0 and ExportConfig().distill_features == FEATURE_WEIGHT
-    assert ExportConfig(distill=False).distill_features == 0
+    assert ExportConfig().distill_temperature == training.TrainConfig.distill_temperature
+    no_teacher = ExportConfig(distill=False)
+    assert no_teacher.distill_features == 0 and no_teacher.distill_temperature is None
     with pytest.raises(ToolchainError, match="--distill-features"):
         ExportConfig(distill=False, distill_features=FEATURE_WEIGHT)
+    with pytest.raises(ToolchainError, match="--distill-temperature"):
+        ExportConfig(distill=False, distill_temperature=training.TrainConfig.distill_temperature)
     terms, loss = [], training.feature_loss
     monkeypatch.setattr(training, "feature_loss", lambda s, t: terms.append(len(t)) or loss(s, t))
     data = Data(train_split.subset(128, seed=1), test_split.subset(100, seed=1))

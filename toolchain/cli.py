@@ -121,14 +121,14 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
-# export and sweep: the fine-tune's distillation settings. Defaults here are written out (importing
-# TrainConfig would load torch for --help); tests/test_cli.py keeps them equal to ExportConfig's.
+# export and sweep: the fine-tune's teacher settings. None by default: ExportConfig resolves them (on
+# with a teacher, off with --no-distill), so that a value given with --no-distill is refused.
 distill_features_option = click.option(
     "--distill-features", type=click.FloatRange(min=0), show_default="1 with the teacher, 0 with --no-distill",
     help="Weight of the residual blocks' outputs matched to the original model's during the fine-tune, beside "
          "the logits (see the README).")
 distill_temperature_option = click.option(
-    "--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+    "--distill-temperature", type=click.FloatRange(min=0, min_open=True), show_default="4 with the teacher",
     help="Softmax temperature of the logit distillation (see the README for 4 against 8).")
 
 

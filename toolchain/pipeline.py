@@ -35,10 +35,10 @@ class ExportConfig:
     finetune_epochs: int = 3
     finetune_lr: float = 0.01
     distill: bool = True
-    # Weight of the residual blocks' outputs matched to the original's; None: FEATURE_WEIGHT with a
-    # teacher, 0 without. (The field stays None-able so that --no-distill alone turns it off.)
-    distill_features: float | None = None
-    distill_temperature: float = TrainConfig.distill_temperature  # softmax temperature of the logit distillation
+    # The teacher's settings. None: the default with a teacher, off without one, so that --no-distill
+    # alone turns them off while a value given without a teacher is refused.
+    distill_features: float | None = None  # weight of the residual blocks' outputs matched to the original's
+    distill_temperature: float | None = None  # softmax temperature of the logit distillation
     centroid_bits: int | None = None  # method first: 8 for int8 centroids, 4 for packed 4-bit ones
     round_to: int | None = None  # method second: channel multiple of kept widths
     # Data-aware least-squares refit (first: centroids, second: each block's conv2) on calibration
@@ -63,17 +63,30 @@ class ExportConfig:
             raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
         if self.finetune_epochs < 0:
             raise ToolchainError("--finetune-epochs must be 0 or more")
-        if self.distill_features is None:
-            self.distill_features = FEATURE_WEIGHT if self.distill else 0.0
-        if self.distill_features < 0 or (self.distill_features and not self.distill):
-            raise ToolchainError("--distill-features takes a weight of 0 or more, and the teacher (not with --no-distill)")
-        if not self.distill_temperature > 0 or (self.distill_temperature != TrainConfig.distill_temperature
-                                                  and not self.distill):
-            raise ToolchainError("--distill-temperature takes a temperature above 0, and the teacher (not with --no-distill)")
+        self._resolve_distillation()
         if self.method == "first" and self.centroid_bits is not None:
             from .methods.first import check_bits
             check_bits(self.centroid_bits)
         method_config(self)  # a bad method option fails here, before any work
+
+    def _resolve_distillation(self) -> None:
+        features_error = "--distill-features takes a weight of 0 or more, and the teacher (not with --no-distill)"
+        temperature_error = "--distill-temperature takes a temperature above 0, and the teacher (not with --no-distill)"
+        if not self.distill:
+            if self.distill_features:
+                raise ToolchainError(features_error)
+            if self.distill_temperature is not None:
+                raise ToolchainError(temperature_error)
+            self.distill_features = 0.0
+            return
+        if self.distill_features is None:
+            self.distill_features = FEATURE_WEIGHT
+        if self.distill_temperature is None:
+            self.distill_temperature = TrainConfig.distill_temperature
+        if self.distill_features < 0:
+            raise ToolchainError(features_error)
+        if not self.distill_temperature > 0:
+            raise ToolchainError(temperature_error)
 
     def tag(self) -> str:
         """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, second_r0.5_latency, ..."""
@@ -178,8 +191,9 @@ def reconstruct(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -> list[
 def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log,
              rank: int = 0, world_size: int = 1) -> list[dict]:
     """A few epochs of the training loop at a low learning rate, distilling from the original."""
-    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       feature_distill_weight=cfg.distill_features, distill_temperature=cfg.distill_temperature)
+    teacher_settings = dict(feature_distill_weight=cfg.distill_features,
+                            distill_temperature=cfg.distill_temperature) if cfg.distill else {}
+    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed, **teacher_settings)
     history = fit(model, data.train, data.test, tcfg, teacher=teacher if cfg.distill else None,
                   mean=ckpt.mean, std=ckpt.std, log=log, rank=rank, world_size=world_size)
     # Wall times stay in the log: the manifest must be the same for the same command.
