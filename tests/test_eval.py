@@ -11,6 +11,7 @@ from conftest import run_cli
 from eval.bench import BenchConfig, bench, machine
 from eval.checks import check_model, parse_size
 from eval.runtime import ModelFileError, load_onnx
+from toolchain.errors import ToolchainError
 from toolchain.models import build_model, count_macs
 from toolchain.sweep import ideal_speedup
 
@@ -138,6 +139,20 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert "first int4 r0.5" in (report / "report.md").read_text()
     refused = run_cli("sweep", "--method", "second", "--centroid-bits", "4", *args[args.index("--ratios"):])
     assert refused.returncode == 2 and "sweep --method first too" in refused.stderr
+
+
+def test_sweep_resume_reads_missing_teacher_settings_as_those_of_their_time(tmp_path):
+    """A results.json from before the teacher settings were recorded was made without the feature term
+    and at temperature 4: resuming it with today's defaults is refused, with those settings it goes on."""
+    from toolchain.pipeline import ExportConfig
+    from toolchain.sweep import SweepConfig, _config_record, _load_rows
+    today = _config_record(SweepConfig(export=ExportConfig(method="none")))
+    old = {"export": {k: v for k, v in today["export"].items() if not k.startswith("distill_")}}
+    (tmp_path / "results.json").write_text(json.dumps({"config": old, "rows": [{"method": "baseline"}]}))
+    with pytest.raises(ToolchainError, match=r"other settings \(distill_features\)"):
+        _load_rows(tmp_path / "results.json", today)
+    then = _config_record(SweepConfig(export=ExportConfig(method="none", distill_features=0.0, distill_temperature=4.0)))
+    assert [r["method"] for r in _load_rows(tmp_path / "results.json", then)] == ["baseline"]
 
 
 def test_ideal_speedup_pads_widths_to_the_channel_block():

@@ -195,9 +195,12 @@ def test_feature_distillation_is_on_with_the_teacher_by_default(baseline, train_
     assert FEATURE_WEIGHT > 0 and ExportConfig().distill_features == FEATURE_WEIGHT
     assert ExportConfig().distill_temperature == training.TrainConfig.distill_temperature
     no_teacher = ExportConfig(distill=False)
-    assert no_teacher.distill_features == 0 and no_teacher.distill_temperature is None
+    assert no_teacher.distill_features is None and no_teacher.distill_temperature is None
+    for weight in (FEATURE_WEIGHT, 0.0):  # any value given without a teacher
+        with pytest.raises(ToolchainError, match="--distill-features"):
+            ExportConfig(distill=False, distill_features=weight)
     with pytest.raises(ToolchainError, match="--distill-features"):
-        ExportConfig(distill=False, distill_features=FEATURE_WEIGHT)
+        ExportConfig(distill_features=float("nan"))
     with pytest.raises(ToolchainError, match="--distill-temperature"):
         ExportConfig(distill=False, distill_temperature=training.TrainConfig.distill_temperature)
     terms, loss = [], training.feature_loss

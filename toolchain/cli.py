@@ -121,15 +121,24 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
-# export and sweep: the fine-tune's teacher settings. None by default: ExportConfig resolves them (on
-# with a teacher, off with --no-distill), so that a value given with --no-distill is refused.
-distill_features_option = click.option(
-    "--distill-features", type=click.FloatRange(min=0), show_default="1 with the teacher, 0 with --no-distill",
-    help="Weight of the residual blocks' outputs matched to the original model's during the fine-tune, beside "
-         "the logits (see the README).")
-distill_temperature_option = click.option(
-    "--distill-temperature", type=click.FloatRange(min=0, min_open=True), show_default="4 with the teacher",
-    help="Softmax temperature of the logit distillation (see the README for 4 against 8).")
+# The teacher's defaults, written out (ExportConfig resolves None to them); tests/test_cli.py checks them.
+FEATURE_WEIGHT_DEFAULT, TEMPERATURE_DEFAULT = "1", "4"
+
+
+def teacher_options(has_no_distill: bool):
+    """--distill-features and --distill-temperature of export and sweep. None by default: ExportConfig
+    resolves them, on with a teacher and off with --no-distill, so a value given with it is refused."""
+    off = ", none with --no-distill" if has_no_distill else ""
+
+    def add(command):
+        command = click.option(
+            "--distill-temperature", type=click.FloatRange(min=0, min_open=True), show_default=TEMPERATURE_DEFAULT + off,
+            help="Softmax temperature of the logit distillation (see the README for 4 against 8).")(command)
+        return click.option(
+            "--distill-features", type=click.FloatRange(min=0), show_default=FEATURE_WEIGHT_DEFAULT + off,
+            help="Weight of the residual blocks' outputs matched to the original model's during the fine-tune, "
+                 "beside the logits (0: the logits alone; see the README).")(command)
+    return add
 
 
 @cli.command()
@@ -145,8 +154,7 @@ distill_temperature_option = click.option(
               help="Fine-tuning epochs when data is available (0 to skip).")
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
-@distill_features_option
-@distill_temperature_option
+@teacher_options(has_no_distill=True)
 @click.option("--centroid-bits", type=click.Choice(["4", "8"]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
@@ -245,8 +253,7 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
 @click.option("--round-to", type=click.IntRange(1), help="Methods second and l1: channel multiple of kept widths.")
-@distill_features_option
-@distill_temperature_option
+@teacher_options(has_no_distill=False)
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
@@ -256,8 +263,8 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_features,
-          distill_temperature,
-          features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits, repeats, out):
+          distill_temperature, features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits,
+          repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""

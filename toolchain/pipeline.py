@@ -70,20 +70,23 @@ class ExportConfig:
         method_config(self)  # a bad method option fails here, before any work
 
     def _resolve_distillation(self) -> None:
+        """Teacher settings: the defaults with a teacher; none without one, where a value is refused.
+
+        Resolved in place, so `dataclasses.replace(cfg, distill=...)` keeps the settings and is
+        refused (or keeps the feature weight off) rather than re-deciding them: set them anew too."""
         features_error = "--distill-features takes a weight of 0 or more, and the teacher (not with --no-distill)"
         temperature_error = "--distill-temperature takes a temperature above 0, and the teacher (not with --no-distill)"
         if not self.distill:
-            if self.distill_features:
+            if self.distill_features is not None:
                 raise ToolchainError(features_error)
             if self.distill_temperature is not None:
                 raise ToolchainError(temperature_error)
-            self.distill_features = 0.0
             return
         if self.distill_features is None:
             self.distill_features = FEATURE_WEIGHT
         if self.distill_temperature is None:
             self.distill_temperature = TrainConfig.distill_temperature
-        if self.distill_features < 0:
+        if not self.distill_features >= 0:  # NaN too
             raise ToolchainError(features_error)
         if not self.distill_temperature > 0:
             raise ToolchainError(temperature_error)

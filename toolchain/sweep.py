@@ -16,6 +16,10 @@ from .io import write_json
 from .pipeline import ExportConfig, method_options, run_export
 
 
+# Settings results.json did not always record, with the value a file without them was made with.
+RECORDED_LATER = {"distill_features": 0.0, "distill_temperature": 4.0}
+
+
 @dataclass
 class SweepConfig:
     methods: tuple[str, ...] = ("first",)
@@ -74,9 +78,14 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
         return []  # a damaged results file is rebuilt
     previous = dict(earlier.get("config", {}).get("export", {}))
     options = previous.pop("method_options", {})  # recorded per row since; older files kept them here
-    defaults = asdict(ExportConfig(method="none"))  # settings added since a file was written had these
-    changed = sorted(k for k in set(previous) | set(config["export"])
-                     if previous.get(k, defaults.get(k)) != config["export"].get(k, defaults.get(k)))
+    # A setting missing from an older file had the value of its time, which for the teacher settings
+    # is not today's default; the others have not changed their default since they were recorded.
+    before = {**asdict(ExportConfig(method="none")), **RECORDED_LATER}
+    current = config["export"]
+    teacherless = not previous.get("distill", True) and not current.get("distill", True)
+    changed = sorted(k for k in set(previous) | set(current)
+                     if previous.get(k, before.get(k)) != current.get(k, before.get(k))
+                     and not (teacherless and k.startswith("distill_")))
     if previous and changed:
         raise ToolchainError(f"{path} holds results made with other settings ({', '.join(changed)}); "
                              "use another --out or remove that folder")
