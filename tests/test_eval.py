@@ -41,6 +41,22 @@ def test_bench_rows_and_baseline_speedup(onnx_pair):
     assert [r["speedup"] for r in rows if r["model"] == str(onnx_pair[0])] == [1.0, 1.0]
 
 
+def test_bench_times_a_model_only_after_it_has_run_untimed_since_the_switch(onnx_pair, monkeypatch):
+    """Another model's ONNX Runtime threads spin for a few ms after its run: every timed run must
+    follow untimed runs of the same model (settle), never a run of the other model directly."""
+    from eval import bench as bench_module
+    calls = []
+    run, settle = bench_module._Runner.run, bench_module._Runner.settle
+    monkeypatch.setattr(bench_module._Runner, "run", lambda self: calls.append(("timed", id(self))) or run(self))
+    monkeypatch.setattr(bench_module._Runner, "settle",
+                        lambda self, ms: calls.append(("settle", id(self))) or settle(self, ms))
+    bench(onnx_pair, BenchConfig(batch_sizes=(1,), warmup=1, repeats=3, settle_ms=1.0))
+    timed = [i for i, (kind, _) in enumerate(calls) if kind == "timed"]
+    assert len(timed) == 2 * 1 + 2 * 3  # warm-up runs, then the repeats
+    assert all(calls[i - 1] == ("settle", calls[i][1]) for i in timed[2:])
+    assert len({runner for _, runner in calls}) == 2
+
+
 def test_eval_onnx_on_real_images_matches_checkpoint(onnx_pair, baseline_path, data_root):
     onnx_row = json.loads(run_cli("eval", onnx_pair[0], "--data", data_root, "--limit", "500", "--json", "-").stdout)
     pt_row = json.loads(run_cli("eval", baseline_path, "--data", data_root, "--limit", "500", "--json", "-").stdout)
