@@ -1,8 +1,8 @@
 """Latency of ONNX models under ONNX Runtime, measured interleaved (A B A B ...) in one run.
 
 Interleaving makes machine noise (other processes, frequency changes) hit every model alike,
-so the speed-up against the first model (the baseline) is fair even on a busy machine. Each
-timed run follows a few milliseconds of untimed runs of the same model: after a run, ONNX
+so the speed-up against the first model (the baseline) is fair even on a busy machine. With
+several models, each timed run follows a few milliseconds of untimed runs of the same model: after a run, ONNX
 Runtime's worker threads spin for a while before they sleep, so the model that ran before would
 otherwise hold the cores the timed one needs (measured here: the baseline's batch-256 run took
 89 ms interleaved against 58 ms alone, method second's 72 against 39, a speed-up of 1.25x
@@ -76,9 +76,11 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig, progress=None) -> l
             for r in runners:
                 r.run()
         times = [[] for _ in runners]
+        switching = len(runners) > 1  # one model alone runs back to back: nothing to settle
         for _ in range(cfg.repeats):
             for r, t in zip(runners, times):
-                r.settle(cfg.settle_ms)
+                if switching:
+                    r.settle(cfg.settle_ms)
                 t.append(r.run())
         if progress:
             progress(batch_size)

@@ -312,7 +312,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 @click.option("--json", "json_out", help="Write rows as JSON to PATH ('-' for stdout).")
 def bench(models, provider, batch_sizes, threads, warmup, repeats, json_out):
     """Latency of ONNX models, interleaved in one run (each timed run after 10 ms of untimed runs of the same
-    model); speed-up against the first model given."""
+    model, where there are several); speed-up against the first model given."""
     from eval.bench import BenchConfig, bench as run_bench
 
     cfg = BenchConfig(batch_sizes=_int_list(batch_sizes), provider=provider, threads=threads,
