@@ -2,11 +2,9 @@
 
 Interleaving makes machine noise (other processes, frequency changes) hit every model alike,
 so the speed-up against the first model (the baseline) is fair even on a busy machine. With
-several models, each timed run follows a few milliseconds of untimed runs of the same model: after a run, ONNX
-Runtime's worker threads spin for a while before they sleep, so the model that ran before would
-otherwise hold the cores the timed one needs (measured here: the baseline's batch-256 run took
-89 ms interleaved against 58 ms alone, method second's 72 against 39, a speed-up of 1.25x
-instead of 1.48x; at batch 1 the first 2 ms after a switch ran 0.34 ms against 0.25).
+several models, each timed run follows a few milliseconds of untimed runs of the same model: after
+a run, ONNX Runtime's worker threads spin for a while before they sleep, so the model that ran
+before would otherwise hold the cores the timed one needs (docs/experiments/ has the figures).
 """
 
 from __future__ import annotations
@@ -93,27 +91,3 @@ def bench(models: list[str | os.PathLike], cfg: BenchConfig, progress=None) -> l
                          "speedup": round(base_p50 / p50, 4),
                          "session_rss_bytes": session_memory(path, batch_size, PROVIDERS[cfg.provider])})
     return rows
-
-
-def machine() -> dict:
-    """Where latencies are measured. Speed-ups of narrow layers depend on it: ONNX Runtime's CPU
-    convolutions work on blocks of 16 channels with AVX-512, 8 with AVX2, so a width of 8 costs
-    what 16 costs on one CPU and not on the other."""
-    import onnxruntime
-
-    from toolchain.methods.second import cpu_channel_block
-
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "channel_block": cpu_channel_block(),
-            "onnxruntime": onnxruntime.__version__}
-
-
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

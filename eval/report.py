@@ -7,20 +7,22 @@ import io
 import json
 from pathlib import Path
 
+from toolchain import registry
 from toolchain.io import atomic_path
-from toolchain.sweep import row_allocation
+from toolchain.results import baseline_row, method_of, row_allocation, rows_of
 
 COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "params", "macs", "model_bytes", "gzip_bytes",
            "accuracy_clustered", "accuracy_pruned", "accuracy_reconstructed", "accuracy_recalibrated", "accuracy_finetuned",
            "accuracy_quantized",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
            "ideal_speedup", "session_rss_bytes_b1", "test_images", "file"]
-INT8_PEER = "int8-dynamic"  # export.int8_peer.METHOD: one file, no ratio
+PEER_PLOTS = {"epochs": "peer_structural.png", "size": "peer_size.png"}  # by Method.compare
 STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_pruned", "pruned", ":"), ("accuracy_reconstructed", "reconstructed", "-."),
           ("accuracy_recalibrated", "BN recalibrated", "--"), ("accuracy", "final (ONNX Runtime)", "-")]
 
 
 def write_report(out: str | Path, results: dict) -> None:
+    """results: a results file of today's schema (toolchain.results.upgrade makes one of an older)."""
     out = Path(out)
     rows = results["rows"]
     _write_text(out / "results.csv", _csv(rows))
@@ -59,7 +61,7 @@ def _stage_widths(row: dict) -> str:
 def _label(row: dict) -> str:
     """The series a row belongs to: method, a non-uniform allocation, int8 centroids."""
     allocation = row_allocation(row)
-    return (row["method"] + ("" if allocation == "uniform" else f" {allocation}")
+    return (method_of(row).display + ("" if allocation == "uniform" else f" {allocation}")
             + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else ""))
 
 
@@ -72,8 +74,8 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(r for r in rows if r["method"] == "baseline")
-    methods = sorted({_label(r) for r in rows} - {"baseline", INT8_PEER})
+    base = baseline_row(rows)
+    methods = sorted({_label(r) for r in rows if method_of(r).kind == registry.MODEL})
     figures = []
     save = _saver(out, figures)
 
@@ -180,122 +182,141 @@ def accuracy_after(row: dict, epochs: int):
     return curve[epochs - 1] if len(curve) >= epochs else None
 
 
-def structural_pairs(rows: list[dict]) -> list[tuple[float, dict, dict]]:
-    """(ratio, method second's row, the L1 peer's row) wherever both were swept with the same widths."""
-    peers = {r["ratio"]: r for r in rows if r["method"] == "l1"}
-    return [(r["ratio"], r, peers[r["ratio"]]) for r in rows if _label(r) == "second" and r["ratio"] in peers]
+def compared(rows: list[dict], compare: str) -> list[tuple[registry.Method, registry.Method]]:
+    """(method, its peer) for every registered method compared with its peer this way ("epochs" or
+    "size") whose rows and peer rows are both in `rows`."""
+    return [(m, registry.get(m.peer)) for m in registry.METHODS
+            if m.compare == compare and rows_of(rows, m) and rows_of(rows, registry.get(m.peer))]
 
 
-def allocation_groups(rows: list[dict]) -> list[tuple[float, list[dict]]]:
-    """(ratio, method second's rows of every allocation) where more than one allocation was swept:
-    the same multiply-add budget spent on other widths."""
-    by_ratio = {}
+def epoch_pairs(rows: list[dict], method: registry.Method, peer: registry.Method) -> list[tuple[float, dict, dict]]:
+    """(ratio, the method's row, the peer's row) wherever both were swept (the method at uniform
+    widths and full storage, which the peer's widths copy)."""
+    peers = {r["ratio"]: r for r in rows_of(rows, peer)}
+    return [(r["ratio"], r, peers[r["ratio"]]) for r in rows_of(rows, method)
+            if _label(r) == method.display and r["ratio"] in peers]
+
+
+def allocation_groups(rows: list[dict]) -> list[tuple[registry.Method, float, list[dict]]]:
+    """(method, ratio, its rows of every allocation) where a method that changes widths was swept
+    with more than one allocation at a ratio: the same multiply-add budget spent on other widths."""
+    groups = {}
     for r in rows:
-        if r["method"] == "second":
-            by_ratio.setdefault(r["ratio"], []).append(r)
-    return [(ratio, sorted(group, key=lambda r: row_allocation(r) != "uniform"))  # uniform first
-            for ratio, group in sorted(by_ratio.items()) if len(group) > 1]
+        if r.get("inner_widths"):
+            groups.setdefault((r["method"], r["ratio"]), []).append(r)
+    return [(method_of(group[0]), ratio, sorted(group, key=lambda r: row_allocation(r) != "uniform"))  # uniform first
+            for (_, ratio), group in sorted(groups.items()) if len(group) > 1]
 
-def size_rows(rows: list[dict]) -> tuple[dict | None, list[dict]]:
-    """The int8 size peer's row and method first's rows (float, int8 and 4-bit centroids)."""
-    peer = next((r for r in rows if r["method"] == INT8_PEER), None)
-    return peer, [r for r in rows if r["method"] == "first"]
+
+def size_rows(rows: list[dict], method: registry.Method, peer: registry.Method) -> tuple[dict, list[dict]]:
+    """The size peer's row and the method's rows (every storage width)."""
+    return rows_of(rows, peer)[0], rows_of(rows, method)
 
 
 def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
-    base = next(r for r in rows if r["method"] == "baseline")
+    base = baseline_row(rows)
     figures = []
     save = _saver(out, figures)
-    pairs = structural_pairs(rows)
-    if pairs:
+    for method, peer in compared(rows, "epochs"):
+        pairs = epoch_pairs(rows, method, peer)
+        if not pairs:
+            continue
         fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.2), squeeze=False)
-        for ax, (ratio, second, l1) in zip(axes[0], pairs):
-            for row, label in ((second, "method second"), (l1, "L1 pruning (Torch-Pruning)")):
+        for ax, (ratio, ours, theirs) in zip(axes[0], pairs):
+            for row, label in ((ours, f"method {method.name}"), (theirs, peer.title)):
                 pts = [(e, 100 * a) for e in range(len(row["finetune_curve"]) + 1)
                        if (a := accuracy_after(row, e)) is not None]
                 ax.plot(*zip(*pts), "-o", label=label)
             baseline_line(ax, 100 * base["accuracy"])
             ax.set(xlabel="fine-tuning epochs (0: before fine-tuning)", ylabel="test accuracy (%)",
-                   title=f"ratio {ratio:g}, widths {_stage_widths(second)}")
+                   title=f"ratio {ratio:g}, widths {_stage_widths(ours)}")
             ax.legend(fontsize=7)
-        save(fig, "peer_structural.png", "Method second against L1-norm pruning")
-    peer, firsts = size_rows(rows)
-    if peer and firsts:
+        save(fig, PEER_PLOTS["epochs"], f"Method {method.name} against {peer.title}")
+    for method, peer in compared(rows, "size"):
+        peer_row, ours = size_rows(rows, method, peer)
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for bits in sorted({r.get("centroid_bits") or 32 for r in firsts}, reverse=True):
-            bits, label = (None, "method first, float centroids") if bits == 32 else \
-                (bits, f"method first, {bits}-bit centroids")
-            series = sorted((r for r in firsts if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
+        for bits in sorted({r.get("centroid_bits") or 32 for r in ours}, reverse=True):
+            bits, label = (None, f"method {method.name}, float weights") if bits == 32 else \
+                (bits, f"method {method.name}, {bits}-bit weights")
+            series = sorted((r for r in ours if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
             if series:
                 ax.plot([r["model_bytes"] / 1e3 for r in series], [100 * r["accuracy"] for r in series], "-o", label=label)
                 for r in series:
                     ax.annotate(f"r{r['ratio']:g}", (r["model_bytes"] / 1e3, 100 * r["accuracy"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, -10))
-        ax.plot([peer["model_bytes"] / 1e3], [100 * peer["accuracy"]], "s", color="red",
-                label="baseline, ONNX Runtime int8 weights")
+        ax.plot([peer_row["model_bytes"] / 1e3], [100 * peer_row["accuracy"]], "s", color="red",
+                label=f"baseline, {peer.title}")
         ax.plot([base["model_bytes"] / 1e3], [100 * base["accuracy"]], "*", color="black", ms=12, label="baseline")
         ax.set(xscale="log", xlabel="ONNX file size (kB, log scale)", ylabel="test accuracy (%)",
                title="Accuracy against file size")
         ax.legend(fontsize=7)
-        save(fig, "peer_size.png", "Method first against int8 quantization")
+        save(fig, PEER_PLOTS["size"], f"Method {method.name} against {peer.title}")
     return figures
 
 
+def _epochs_markdown(rows: list[dict], method: registry.Method, peer: registry.Method, plot: str) -> list[str]:
+    pairs = epoch_pairs(rows, method, peer)
+    if not pairs:
+        return []
+    ours, theirs = method.name, f"{peer.display} peer"
+    lines = [f"## Method {ours} against {peer.title}", "",
+             f"{peer.report_note} Budgets 1, 3, 5 are the test accuracies after those epochs of one run of the "
+             "stated schedule; 0 is before fine-tuning.", "",
+             f"| ratio | epochs | {ours} | {theirs} | {ours} - {peer.display} (points) |", "|---|---|---|---|---|"]
+    behind = []
+    for ratio, a_row, b_row in pairs:
+        for epochs in sorted({0, 1, 3, 5, len(a_row["finetune_curve"])}):
+            a, b = accuracy_after(a_row, epochs), accuracy_after(b_row, epochs)
+            if a is None or b is None:
+                continue
+            lines.append(f"| {ratio:g} | {epochs} | {_pct(a)} | {_pct(b)} | {100 * (a - b):+.2f} |")
+            if a < b:
+                behind.append(f"ratio {ratio:g} after {epochs} epoch{'' if epochs == 1 else 's'}")
+        lines.append(f"| {ratio:g} | ONNX Runtime | {_pct(a_row['accuracy'])} | {_pct(b_row['accuracy'])} | "
+                     f"{100 * (a_row['accuracy'] - b_row['accuracy']):+.2f} |")
+    verdict = (f"method {ours} is at least as accurate as the {theirs} at every budget measured." if not behind else
+               f"the {theirs} is ahead at " + ", ".join(behind) + f"; method {ours} everywhere else.")
+    return lines + ["", f"**Who wins:** {verdict}", "", f"![{plot}]({PEER_PLOTS['epochs']})", ""]
+
+
+def _size_markdown(rows: list[dict], method: registry.Method, peer: registry.Method, plot: str) -> list[str]:
+    base = baseline_row(rows)
+    peer_row, ours = size_rows(rows, method, peer)
+    theirs = f"{peer.display} peer"
+    lines = [f"## Method {method.name} against {peer.title}", "", peer.report_note, "",
+             "| model | bytes | x base | accuracy | p50 b1 ms | speed-up b256 |", "|---|---|---|---|---|---|"]
+    for r in [peer_row] + sorted(ours, key=lambda r: r["model_bytes"], reverse=True):
+        name = f"baseline, {peer.title}" if r is peer_row else f"{_label(r)} r{r['ratio']:g}"
+        lines.append(f"| {name} | {r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
+                     f"{_pct(r['accuracy'])} | {r.get('p50_ms_b1', float('nan')):.3f} | "
+                     f"{r.get('speedup_b256', float('nan')):.2f} |")
+    wins = [r for r in ours if r["model_bytes"] < peer_row["model_bytes"] and r["accuracy"] >= peer_row["accuracy"]]
+    smaller = [r for r in ours if r["model_bytes"] < peer_row["model_bytes"]]
+    if wins:
+        verdict = (f"method {method.name} wins at " + ", ".join(f"{_label(r)} r{r['ratio']:g}" for r in wins)
+                   + ": a smaller file at no worse accuracy.")
+    elif smaller:
+        best = max(smaller, key=lambda r: r["accuracy"])
+        verdict = (f"the {theirs} wins on accuracy at its size: every smaller method-{method.name} file is less "
+                   f"accurate (best: {_label(best)} r{best['ratio']:g}, {_pct(best['accuracy'])}% in "
+                   f"{best['model_bytes']:,} bytes against {_pct(peer_row['accuracy'])}% in {peer_row['model_bytes']:,}).")
+    else:
+        verdict = f"the {theirs} wins: no method-{method.name} file here is smaller."
+    speed = (f"The peer's speed-up at batch 256 is {peer_row.get('speedup_b256', float('nan')):.2f}x the float "
+             f"baseline; method {method.name}'s files run at "
+             f"{min(r.get('speedup_b256', float('nan')) for r in ours):.2f}-"
+             f"{max(r.get('speedup_b256', float('nan')) for r in ours):.2f}x.")
+    return lines + ["", f"**Who wins:** {verdict} {speed}", "", f"![{plot}]({PEER_PLOTS['size']})", ""]
+
+
 def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
-    base = next(r for r in rows if r["method"] == "baseline")
     lines = []
-    pairs = structural_pairs(rows)
-    if pairs:
-        lines += ["## Method second against L1-norm pruning", "",
-                  "The L1 peer (`--method l1`) prunes the same block-conv1 channels to the same widths with "
-                  "Torch-Pruning (smallest filter L1 norms go), then gets the same BN recalibration and the very "
-                  "same fine-tuning (schedule, epochs, learning rate, distillation). Budgets 1, 3, 5 are the test "
-                  "accuracies after those epochs of one run of the stated schedule; 0 is before fine-tuning.", "",
-                  "| ratio | epochs | second | L1 peer | second - L1 (points) |", "|---|---|---|---|---|"]
-        behind = []
-        for ratio, second, l1 in pairs:
-            for epochs in sorted({0, 1, 3, 5, len(second["finetune_curve"])}):
-                a, b = accuracy_after(second, epochs), accuracy_after(l1, epochs)
-                if a is None or b is None:
-                    continue
-                lines.append(f"| {ratio:g} | {epochs} | {_pct(a)} | {_pct(b)} | {100 * (a - b):+.2f} |")
-                if a < b:
-                    behind.append(f"ratio {ratio:g} after {epochs} epoch{'' if epochs == 1 else 's'}")
-            lines.append(f"| {ratio:g} | ONNX Runtime | {_pct(second['accuracy'])} | {_pct(l1['accuracy'])} | "
-                         f"{100 * (second['accuracy'] - l1['accuracy']):+.2f} |")
-        lines += ["", "**Who wins:** " + ("method second is at least as accurate as the L1 peer at every budget "
-                                          "measured." if not behind else
-                                          "the L1 peer is ahead at " + ", ".join(behind) + "; method second "
-                                          "everywhere else."), ""]
-        lines += [f"![{plots['peer_structural.png']}](peer_structural.png)", ""]
-    peer, firsts = size_rows(rows)
-    if peer and firsts:
-        lines += ["## Method first against int8 weight quantization", "",
-                  "The size peer is ONNX Runtime's `quantize_dynamic` (int8 weights, activations quantized at run "
-                  "time, no fine-tuning) on the baseline ONNX file.", "",
-                  "| model | bytes | x base | accuracy | p50 b1 ms | speed-up b256 |", "|---|---|---|---|---|---|"]
-        for r in [peer] + sorted(firsts, key=lambda r: r["model_bytes"], reverse=True):
-            name = "baseline int8 (ONNX Runtime)" if r is peer else f"{_label(r)} r{r['ratio']:g}"
-            lines.append(f"| {name} | {r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
-                         f"{_pct(r['accuracy'])} | {r.get('p50_ms_b1', float('nan')):.3f} | "
-                         f"{r.get('speedup_b256', float('nan')):.2f} |")
-        wins = [r for r in firsts if r["model_bytes"] < peer["model_bytes"] and r["accuracy"] >= peer["accuracy"]]
-        smaller = [r for r in firsts if r["model_bytes"] < peer["model_bytes"]]
-        if wins:
-            verdict = ("method first wins at " + ", ".join(f"{_label(r)} r{r['ratio']:g}" for r in wins)
-                       + ": a smaller file at no worse accuracy, and the float runtime.")
-        elif smaller:
-            best = max(smaller, key=lambda r: r["accuracy"])
-            verdict = (f"the int8 peer wins on accuracy at its size: every smaller method-first file is less "
-                       f"accurate (best: {_label(best)} r{best['ratio']:g}, {_pct(best['accuracy'])}% in "
-                       f"{best['model_bytes']:,} bytes against {_pct(peer['accuracy'])}% in {peer['model_bytes']:,}).")
-        else:
-            verdict = "the int8 peer wins: no method-first file here is smaller."
-        lines += ["", f"**Who wins:** {verdict} The peer's speed is its weak side: its speed-up at batch 256 is "
-                  f"{peer.get('speedup_b256', float('nan')):.2f}x the float baseline.", "",
-                  f"![{plots['peer_size.png']}](peer_size.png)", ""]
+    for compare, render in (("epochs", _epochs_markdown), ("size", _size_markdown)):
+        for method, peer in compared(rows, compare):
+            if PEER_PLOTS[compare] in plots:
+                lines += render(rows, method, peer, plots[PEER_PLOTS[compare]])
     return "\n".join(lines)
 
 
@@ -303,25 +324,26 @@ def _allocation_markdown(rows: list[dict]) -> str:
     groups = allocation_groups(rows)
     if not groups:
         return ""
-    base = next(r for r in rows if r["method"] == "baseline")
-    lines = ["## Method second: the same multiply-adds on other widths", "",
-             "`--allocation latency` keeps uniform widths' multiply-add budget but picks per-stage widths that "
-             "cost the CPU least once padded to its channel block (a width below the block costs the whole "
-             "block).", "", "| ratio | allocation | widths | MACs (x base) | final | speed-up b1 | speed-up b256 | ideal |"
-             " b256 / ideal |", "|---|---|---|---|---|---|---|---|---|"]
-    verdicts = []
-    for ratio, group in groups:
-        for r in group:
-            speedup, ideal = r.get("speedup_b256"), r.get("ideal_speedup")
-            lines.append(f"| {ratio:g} | {row_allocation(r)} | {_stage_widths(r)} | "
-                         f"{r['macs'] / base['macs']:.3f} | {_pct(r['accuracy'])} | {r.get('speedup_b1', float('nan')):.2f} | "
-                         f"{speedup or float('nan'):.2f} | {ideal or float('nan'):.2f} | "
-                         f"{speedup / ideal if speedup and ideal else float('nan'):.2f} |")
-        fastest = max(group, key=lambda r: r.get("speedup_b256") or 0)
-        verdicts += ["", f"**Fastest at ratio {ratio:g}** ({fastest['macs'] / base['macs']:.3f}x the baseline's "
-                     f"multiply-adds): {row_allocation(fastest)}, {fastest.get('speedup_b256', float('nan')):.2f}x at "
-                     f"batch 256 against an ideal {fastest.get('ideal_speedup') or float('nan'):.2f}x, at "
-                     f"{_pct(fastest['accuracy'])}% accuracy."]
+    base = baseline_row(rows)
+    lines, verdicts = [], []
+    for method in dict.fromkeys(m for m, _, _ in groups):
+        lines += [f"## Method {method.name}: the same multiply-adds on other widths", "",
+                  "`--allocation latency` keeps uniform widths' multiply-add budget but picks per-stage widths that "
+                  "cost the CPU least once padded to its channel block (a width below the block costs the whole "
+                  "block).", "", "| ratio | allocation | widths | MACs (x base) | final | speed-up b1 | speed-up b256 "
+                  "| ideal | b256 / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+        for _, ratio, group in (g for g in groups if g[0] is method):
+            for r in group:
+                speedup, ideal = r.get("speedup_b256"), r.get("ideal_speedup")
+                lines.append(f"| {ratio:g} | {row_allocation(r)} | {_stage_widths(r)} | "
+                             f"{r['macs'] / base['macs']:.3f} | {_pct(r['accuracy'])} | "
+                             f"{r.get('speedup_b1', float('nan')):.2f} | {speedup or float('nan'):.2f} | "
+                             f"{ideal or float('nan'):.2f} | {speedup / ideal if speedup and ideal else float('nan'):.2f} |")
+            fastest = max(group, key=lambda r: r.get("speedup_b256") or 0)
+            verdicts += ["", f"**Fastest at ratio {ratio:g}** ({fastest['macs'] / base['macs']:.3f}x the baseline's "
+                         f"multiply-adds): {row_allocation(fastest)}, {fastest.get('speedup_b256', float('nan')):.2f}x "
+                         f"at batch 256 against an ideal {fastest.get('ideal_speedup') or float('nan'):.2f}x, at "
+                         f"{_pct(fastest['accuracy'])}% accuracy."]
     return "\n".join(lines + verdicts + [""])
 
 
@@ -338,8 +360,15 @@ def _machines(rows: list[dict]) -> str:
     seen = sorted({json.dumps(r["bench_machine"], sort_keys=True) for r in rows if r.get("bench_machine")})
     if not seen:
         return "machine not recorded"
-    return "; ".join(f"measured on {m['cpu']}, {m['cores']} cores, ONNX Runtime {m['onnxruntime']}, "
+    return "; ".join(f"measured on {m['cpu']}, {m['cores']} cores{_isa(m)}, ONNX Runtime {m['onnxruntime']}, "
                      f"channel block {m['channel_block']}" for m in map(json.loads, seen))
+
+
+def _isa(machine: dict) -> str:
+    """The instruction sets recorded with the benchmark (files before they were recorded: none)."""
+    isa = machine.get("instruction_sets") or {}
+    names = {"avx2": "AVX2", "avx512": "AVX-512", "vnni": "VNNI"}
+    return f" ({', '.join(names[k] for k, on in isa.items() if on) or 'no AVX2'})" if isa else ""
 
 
 def _distillation(export: dict) -> str:
@@ -352,7 +381,7 @@ def _distillation(export: dict) -> str:
 
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
     rows = results["rows"]
-    base = next(r for r in rows if r["method"] == "baseline")
+    base = baseline_row(rows)
     export = results["config"]["export"]
     lines = ["# Filter-clustering sweep", "",
              f"Source: `{export.get('checkpoint') or 'shipped baseline'}`; test images: {base['test_images']}; "
@@ -364,7 +393,7 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              "p50 b1 ms | p50 b256 ms | speed-up b256 | ideal | session RAM b1 (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        widths = _stage_widths(r) if r["method"] in ("second", "l1") else ""
+        widths = _stage_widths(r)
         ideal = f"{r['ideal_speedup']:.2f}" if r.get("ideal_speedup") else ""
         lines.append(
             f"| {_label(r)} | {r['ratio']:g} | {_options(r)} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "

@@ -15,12 +15,10 @@ import onnx
 
 from toolchain.errors import ToolchainError
 from toolchain.io import atomic_path
+from toolchain.methods import Implementation
 
 from .manifest import read_metadata, set_metadata, write_manifest
 from .onnx_export import check_output_path
-
-METHOD = "int8-dynamic"
-
 
 def quantize_int8(source: str | os.PathLike, out: str | os.PathLike) -> dict:
     """Quantize `source`'s weights to int8 into `out`; returns the new manifest."""
@@ -33,7 +31,10 @@ def quantize_int8(source: str | os.PathLike, out: str | os.PathLike) -> dict:
     with atomic_path(out) as tmp:
         quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
         proto = onnx.load(str(tmp))
-        manifest = {**manifest, "method": METHOD, "ratio": None, "quantized_from": str(source)}
+        manifest = {**manifest, "method": "int8-dynamic", "ratio": None, "quantized_from": str(source)}
         set_metadata(proto, manifest)
         onnx.save(proto, str(tmp))
         return write_manifest(out, manifest, sized_from=tmp)
+
+
+IMPLEMENTATION = Implementation(from_file=quantize_int8)

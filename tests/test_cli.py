@@ -52,8 +52,10 @@ def test_cli_defaults_are_the_library_defaults():
         shared = {name: value for name, value in given.items() if name in library and name not in skip}
         assert {"finetune_epochs", "finetune_lr", "distill_temperature"} <= set(shared)
         assert shared == {name: library[name] for name in shared}, command.name
-    # The teacher settings default to None there; their resolved values are written out for --help.
-    from toolchain.cli import FEATURE_WEIGHT_DEFAULT, TEMPERATURE_DEFAULT
-    from toolchain.pipeline import FEATURE_WEIGHT
+    # The teacher settings default to None there: ExportConfig resolves them to the one written default.
+    from toolchain import settings
     from toolchain.training import TrainConfig
-    assert (float(FEATURE_WEIGHT_DEFAULT), float(TEMPERATURE_DEFAULT)) == (FEATURE_WEIGHT, TrainConfig.distill_temperature)
+    resolved = ExportConfig()
+    assert (resolved.distill_features, resolved.distill_temperature) == (settings.DISTILL_FEATURES,
+                                                                        settings.DISTILL_TEMPERATURE)
+    assert TrainConfig.distill_temperature == settings.DISTILL_TEMPERATURE

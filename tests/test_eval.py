@@ -8,7 +8,8 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import run_cli
-from eval.bench import BenchConfig, bench, machine
+from eval.bench import BenchConfig, bench
+from toolchain.cpu import machine
 from eval.checks import check_model, parse_size
 from eval.runtime import ModelFileError, load_onnx
 from toolchain.errors import ToolchainError
@@ -107,7 +108,7 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     assert "methods" not in results["config"] and results["config"]["export"]["finetune_epochs"] == 1
     # method first twice from one fine-tuned model (float, int8 centroids), then both peers
     assert [(r["method"], r["centroid_bits"]) for r in rows] == [
-        ("baseline", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("l1", None), ("second", None)]
+        ("none", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("l1", None), ("second", None)]
     first, first_int8, int8_peer, l1, second = rows[1:]
     assert first["finetune_curve"] == first_int8["finetune_curve"]  # the same model, quantized
     assert first_int8["model_bytes"] < 0.5 * first["model_bytes"]
@@ -119,7 +120,7 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     with open(report / "results.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [float(r["accuracy"]) for r in table] == [r["accuracy"] for r in rows]
-    assert all(r["test_images"] == 100 and len(r["finetune_curve"]) == (r["method"] not in ("baseline", "int8-dynamic"))
+    assert all(r["test_images"] == 100 and len(r["finetune_curve"]) == (r["method"] not in ("none", "int8-dynamic"))
                for r in rows)
     text = (report / "report.md").read_text()
     assert all(f"{r['model_bytes']:,}" in text for r in rows)
@@ -168,7 +169,7 @@ def test_sweep_resume_reads_missing_teacher_settings_as_those_of_their_time(tmp_
     with pytest.raises(ToolchainError, match=r"other settings \(distill_features\)"):
         _load_rows(tmp_path / "results.json", today)
     then = _config_record(SweepConfig(export=ExportConfig(method="none", distill_features=0.0, distill_temperature=4.0)))
-    assert [r["method"] for r in _load_rows(tmp_path / "results.json", then)] == ["baseline"]
+    assert [r["method"] for r in _load_rows(tmp_path / "results.json", then)] == ["none"]  # upgraded: schema 1 said baseline
 
 
 def test_ideal_speedup_pads_widths_to_the_channel_block():

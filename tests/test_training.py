@@ -186,12 +186,13 @@ def test_distill_temperature_reaches_the_fine_tune(baseline, train_split, test_s
 
 
 def test_feature_distillation_is_on_with_the_teacher_by_default(baseline, train_split, test_split, monkeypatch):
-    """The block-output term is on by default (weight FEATURE_WEIGHT) and reaches the export's fine-tune
+    """The block-output term is on by default (weight settings.DISTILL_FEATURES) and reaches the export's fine-tune
     (real images); --no-distill alone turns the teacher's settings off, a value given without one is refused."""
     import copy
     from toolchain import training
     from toolchain.errors import ToolchainError
-    from toolchain.pipeline import FEATURE_WEIGHT, Data, ExportConfig, finetune
+    from toolchain.pipeline import Data, ExportConfig, finetune
+    from toolchain.settings import DISTILL_FEATURES as FEATURE_WEIGHT
     assert FEATURE_WEIGHT > 0 and ExportConfig().distill_features == FEATURE_WEIGHT
     assert ExportConfig().distill_temperature == training.TrainConfig.distill_temperature
     no_teacher = ExportConfig(distill=False)

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from . import registry, settings
 from .errors import ToolchainError
 
 DATA_HELP = "CIFAR-10 folder (cifar-10-batches-py or train/ and test/ image folders); default: $CIFAR10_ROOT"
@@ -36,28 +37,30 @@ class Ratio(click.ParamType):
 
 
 def compression_options(command):
-    """Compression options shared by export and sweep (toolchain.methods.first.FirstConfig and
-    ExportConfig.reconstruct)."""
+    """The methods' own options, shared by export and sweep: each method's config takes those it has
+    (toolchain.methods.first.FirstConfig, ...), and ExportConfig.reconstruct."""
     command = click.option(
         "--no-reconstruct", is_flag=True,
         help="Skip the least-squares refit on calibration images (method first: centroids; second: each "
-             "block's conv2) and only recalibrate BatchNorm statistics.")(command)
+             "block's convs and the classifier) and only recalibrate BatchNorm statistics.")(command)
     command = click.option(
-        "--keep", type=click.Choice(["salient", "medoid", "centroid", "largest"]), default="salient",
-        show_default=True,
+        "--keep", type=click.Choice(settings.KEEP), default=settings.KEEP[0], show_default=True,
         help="Method second: salient: the conv1 filters of largest L1 norm are the clusters' centres and "
              "every other filter joins the nearest; or K-Means clusters, each kept as the member closest to "
              "its centroid (medoid), the centroid itself, or its member with the largest L1 norm.")(command)
     command = click.option(
-        "--allocation", type=click.Choice(["uniform", "global", "latency"]), default="uniform", show_default=True,
+        "--allocation", type=click.Choice(settings.ALLOCATIONS), default=settings.ALLOCATIONS[0], show_default=True,
         help="uniform: the same ratio in every layer. Method first, global: per-layer k from one parameter "
-             "budget by relative clustering error (measured worse: see the README). Method second, latency: "
-             "per-stage widths at uniform's multiply-adds that cost this CPU least once padded to its "
-             "channel block.")(command)
+             "budget by relative clustering error. Method second, latency: per-stage widths at uniform's "
+             "multiply-adds that cost this CPU least once padded to its channel block.")(command)
     return click.option(
-        "--features", type=click.Choice(["scaled", "bn-weighted", "raw"]), default="scaled", show_default=True,
+        "--features", type=click.Choice(settings.FEATURES), default=settings.FEATURES[0], show_default=True,
         help="Method first: raw filters; bn-weighted: error weighted by the BatchNorm scale; scaled: cluster "
              "filter directions and fold each filter's scale into its BatchNorm.")(command)
+
+
+def _method_help(names: list[str]) -> str:
+    return "; ".join(f"{name}: {registry.get(name).summary}" for name in names) + "."
 
 
 def _raise_interrupt(signum, frame):
@@ -121,10 +124,6 @@ def train(arch, data, epochs, out, resume, force, init, seed, lr, batch_size, sc
         click.echo(f"done: test accuracy {history[-1].test_accuracy:.4f}, checkpoint {out}")
 
 
-# The teacher's defaults, written out (ExportConfig resolves None to them); tests/test_cli.py checks them.
-FEATURE_WEIGHT_DEFAULT, TEMPERATURE_DEFAULT = "1", "4"
-
-
 def teacher_options(has_no_distill: bool):
     """--distill-features and --distill-temperature of export and sweep. None by default: ExportConfig
     resolves them, on with a teacher and off with --no-distill, so a value given with it is refused."""
@@ -132,30 +131,32 @@ def teacher_options(has_no_distill: bool):
 
     def add(command):
         command = click.option(
-            "--distill-temperature", type=click.FloatRange(min=0, min_open=True), show_default=TEMPERATURE_DEFAULT + off,
-            help="Softmax temperature of the logit distillation (see the README for 4 against 8).")(command)
+            "--distill-temperature", type=click.FloatRange(min=0, min_open=True),
+            show_default=f"{settings.DISTILL_TEMPERATURE:g}{off}",
+            help="Softmax temperature of the logit distillation.")(command)
         return click.option(
-            "--distill-features", type=click.FloatRange(min=0), show_default=FEATURE_WEIGHT_DEFAULT + off,
+            "--distill-features", type=click.FloatRange(min=0), show_default=f"{settings.DISTILL_FEATURES:g}{off}",
             help="Weight of the residual blocks' outputs matched to the original model's during the fine-tune, "
-                 "beside the logits (0: the logits alone; see the README).")(command)
+                 "beside the logits (0: the logits alone).")(command)
     return add
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["first", "second", "l1", "none"]), default="first", show_default=True,
-              help="first: shared centroid filters; second: smaller residual blocks; l1: the peer of second "
-                   "(Torch-Pruning L1-norm pruning to second's widths, needs the peers extra); none: the model as is.")
-@click.option("--ratio", type=Ratio(), default=0.5, show_default=True,
+@click.option("--method", type=click.Choice(registry.names(registry.MODEL, registry.BASELINE)),
+              default=registry.METHODS[0].name, show_default=True,
+              help=_method_help(registry.names(registry.MODEL, registry.BASELINE)))
+@click.option("--ratio", type=Ratio(), default=settings.RATIO, show_default=True,
               help="Fraction of filters removed from each clustered layer (0.5 keeps half).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
 @click.option("--arch", help="Architecture, where the checkpoint does not record it (resnet20, resnet32, ...).")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP + " (fine-tuning and checks use it)")
-@click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True,
+@click.option("--finetune-epochs", type=click.IntRange(0), default=settings.FINETUNE_EPOCHS, show_default=True,
               help="Fine-tuning epochs when data is available (0 to skip).")
-@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=settings.FINETUNE_LR,
+              show_default=True, help="Peak learning rate of the one-cycle fine-tune.")
 @click.option("--no-distill", is_flag=True, help="Fine-tune on labels only, without the original model as teacher.")
 @teacher_options(has_no_distill=True)
-@click.option("--centroid-bits", type=click.Choice(["4", "8"]),
+@click.option("--centroid-bits", type=click.Choice([str(b) for b in settings.CENTROID_BITS]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
 @compression_options
@@ -178,13 +179,13 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
 
     _refuse_options_of_other_methods(method)
 
-    options = {"features": features, "allocation": allocation, "keep": keep}
+    options = registry.get(method).config(features=features, allocation=allocation, keep=keep)
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
-                       reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, method_options=options)
+                       reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, options=options)
     with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
         result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"),
                             rank=world.rank, world_size=world.size)
@@ -192,18 +193,16 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
         emit_json(json_out, result.manifest)
 
 
-# Options that only some methods take: given to another, they would be silently ignored.
-METHOD_OPTIONS = {"centroid_bits": ("first",), "features": ("first",), "keep": ("second",),
-                  "round_to": ("second", "l1"), "no_reconstruct": ("first", "second")}
-
-
 def _refuse_options_of_other_methods(method: str) -> None:
+    """Options that only some methods take (registry.Method.options): given to another, they would be
+    silently ignored."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    for name, methods in METHOD_OPTIONS.items():
-        if method not in methods and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            raise ToolchainError(f"--{name.replace('_', '-')} is an option of method {' and '.join(methods)}, "
+    for name in registry.method_specific_options():
+        takers = registry.taking(name)
+        if method not in takers and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            raise ToolchainError(f"--{name.replace('_', '-')} is an option of method {' and '.join(takers)}, "
                                  f"not of {method}")
 
 
@@ -242,22 +241,24 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 
 
 @cli.command()
-@click.option("--method", "methods", type=click.Choice(["first", "second", "l1"]), multiple=True, default=["first"],
-              show_default=True, help="Method to sweep; repeat to sweep several into one report. first is exported "
-                                      "with float and int8 centroids beside ONNX Runtime's int8 quantization of the "
-                                      "baseline; l1 is method second's peer (Torch-Pruning, peers extra).")
+@click.option("--method", "methods", type=click.Choice(registry.names(registry.MODEL)), multiple=True,
+              default=[registry.METHODS[0].name], show_default=True,
+              help="Method to sweep; repeat to sweep several into one report. first is exported with float and "
+                   "int8 centroids beside its peer, ONNX Runtime's int8 quantization of the baseline. "
+                   + _method_help(registry.names(registry.MODEL)))
 @click.option("--ratios", default="0.25,0.5,0.75,0.9", show_default=True, help="Comma-separated ratios.")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
 @click.option("--arch", help="Architecture, where the checkpoint does not record it.")
-@click.option("--finetune-epochs", type=click.IntRange(0), default=3, show_default=True)
-@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@click.option("--finetune-epochs", type=click.IntRange(0), default=settings.FINETUNE_EPOCHS, show_default=True)
+@click.option("--finetune-lr", type=click.FloatRange(min=0, min_open=True), default=settings.FINETUNE_LR,
+              show_default=True, help="Peak learning rate of the one-cycle fine-tune.")
 @click.option("--round-to", type=click.IntRange(1), help="Methods second and l1: channel multiple of kept widths.")
 @teacher_options(has_no_distill=False)
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
-@click.option("--centroid-bits", "extra_bits", type=click.Choice(["4"]), multiple=True,
+@click.option("--centroid-bits", "extra_bits", type=click.Choice([str(settings.TRAINED_BITS)]), multiple=True,
               help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
                    "in the loop).")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
@@ -276,15 +277,16 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
     except click.BadParameter as exc:
         raise click.BadParameter(exc.message, param_hint="'--ratios'")
     # The settings all rows share; each row sets its own method and ratio (and is validated then).
-    export_cfg = ExportConfig(method="none", checkpoint=checkpoint, arch=arch, data=data, finetune_epochs=finetune_epochs,
-                              finetune_lr=finetune_lr, distill_features=distill_features,
-                              distill_temperature=distill_temperature, round_to=round_to,
-                              train_limit=train_limit, test_limit=test_limit,
-                              reconstruct=not no_reconstruct, method_options={"features": features, "allocation": allocation, "keep": keep})
+    export_cfg = ExportConfig(method=registry.baseline().name, checkpoint=checkpoint, arch=arch, data=data,
+                              finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                              distill_features=distill_features, distill_temperature=distill_temperature,
+                              round_to=round_to, train_limit=train_limit, test_limit=test_limit,
+                              reconstruct=not no_reconstruct)
+    methods = tuple(dict.fromkeys(methods))
+    options = {m: registry.get(m).config(features=features, allocation=allocation, keep=keep) for m in methods}
     try:
-        run_sweep(SweepConfig(methods=tuple(dict.fromkeys(methods)), ratios=ratio_values, out=out,
-                              export=export_cfg, repeats=repeats,
-                              trained_bits=tuple(int(b) for b in extra_bits)), log=click.echo)
+        run_sweep(SweepConfig(methods=methods, ratios=ratio_values, out=out, export=export_cfg, options=options,
+                              repeats=repeats, trained_bits=tuple(int(b) for b in extra_bits)), log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished ratios are kept in {out}/results.json; "
                    "run the same command again to continue", err=True)

@@ -7,67 +7,91 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from . import registry, settings
 from .checkpoints import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
+from .cpu import channel_block
 from .data import Split, load_split, to_tensor
 from .errors import ToolchainError
+from .methods import Calibration
 from .models import count_macs, count_params
 from .training import TrainConfig, evaluate, fit, recalibrate_bn
 
-METHODS = ("first", "second", "l1", "none")  # l1: the structural peer (Torch-Pruning), for comparison
-REFITS = ("first", "second")  # methods with a data-aware least-squares refit
-# Default weight of the block-output distillation: at ratio 0.5 it gained method second 0.25 points
-# over four seeds after 5 epochs (86.57% against 86.32%); level for method first and the L1 peer.
-FEATURE_WEIGHT = 1.0
-
-
 @dataclass
 class ExportConfig:
-    method: str = "first"
-    ratio: float = 0.5
+    method: str = registry.METHODS[0].name  # a name in toolchain.registry
+    ratio: float = settings.RATIO
     checkpoint: str | None = None  # None: the shipped baseline
     arch: str | None = None
     data: str | None = None  # None: $CIFAR10_ROOT, if set
-    finetune_epochs: int = 3
-    finetune_lr: float = 0.01
+    finetune_epochs: int = settings.FINETUNE_EPOCHS
+    finetune_lr: float = settings.FINETUNE_LR
     distill: bool = True
     # The teacher's settings. None: the default with a teacher, off without one, so that --no-distill
     # alone turns them off while a value given without a teacher is refused.
     distill_features: float | None = None  # weight of the residual blocks' outputs matched to the original's
     distill_temperature: float | None = None  # softmax temperature of the logit distillation
-    centroid_bits: int | None = None  # method first: 8 for int8 centroids, 4 for packed 4-bit ones
-    round_to: int | None = None  # method second: channel multiple of kept widths
-    # Data-aware least-squares refit (first: centroids, second: each block's conv2) on calibration
-    # images, then BN statistics moved to the data with the function kept (a plain recalibration
-    # would blur the refit). False: no refit, BN statistics plainly recalibrated.
+    centroid_bits: int | None = None  # narrower storage where the method has it (first: 8 or 4)
+    round_to: int | None = None  # methods that prune channels: multiple of kept widths; None: the CPU's block
+    # Data-aware least-squares refit on calibration images (methods that have one), then BN
+    # statistics moved to the data with the function kept (a plain recalibration would blur the
+    # refit). False: no refit, BN statistics plainly recalibrated.
     reconstruct: bool = True
-    calibration_images: int = 1024
-    # Also measure the model right after compression, before any refit or recalibration: the
-    # report's stage plot. One more pass over the test images (3-5 s; an export without
-    # fine-tuning takes 17 s here without it).
+    calibration_images: int = settings.CALIBRATION_IMAGES
+    # Also measure the model right after compression, before any refit or recalibration (the
+    # report's stage plot): one more pass over the test images.
     stage_accuracy: bool = False
     train_limit: int | None = None  # subsets, for quick runs and tests
     test_limit: int | None = None
     seed: int = 0
     out: str | None = None
-    method_options: dict = field(default_factory=dict)
+    # The method's own config (FirstConfig, SecondConfig, L1Config; None: its defaults). Its ratio,
+    # seed and round_to are set from the fields above, so that one place decides them.
+    options: object | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ToolchainError(f"unknown method {self.method!r}; choose first, second, l1 or none")
-        if self.method != "none" and not 0 < self.ratio < 1:
+        spec = self.spec
+        if spec.kind == registry.FILE:
+            raise ToolchainError(f"{spec.name} transforms the baseline's ONNX file, it is not exported from a model")
+        if spec.kind != registry.BASELINE and not 0 < self.ratio < 1:
             raise ToolchainError(f"ratio {self.ratio} is not between 0 and 1 (exclusive)")
         if self.finetune_epochs < 0:
             raise ToolchainError("--finetune-epochs must be 0 or more")
         self._resolve_distillation()
-        if self.method == "first" and self.centroid_bits is not None:
-            from .methods.first import check_bits
-            check_bits(self.centroid_bits)
-        method_config(self)  # a bad method option fails here, before any work
+        self._resolve_options()
+        if self.centroid_bits is not None:
+            impl = spec.implementation()
+            if impl is None or impl.check_bits is None:
+                raise ToolchainError(f"--centroid-bits is an option of method {' and '.join(registry.taking('centroid_bits'))}, "
+                                     f"not of {spec.name}")
+            impl.check_bits(self.centroid_bits)
+
+    @property
+    def spec(self) -> registry.Method:
+        return registry.get(self.method)
+
+    @property
+    def implementation(self):
+        return self.spec.implementation()
+
+    def _resolve_options(self) -> None:
+        """The method's config, with this config's ratio, seed and round_to: a bad option fails here,
+        before any work."""
+        impl = self.implementation
+        if impl is None:
+            self.options = None
+            return
+        options = self.options if self.options is not None else impl.config()
+        if not isinstance(options, impl.config):
+            raise ToolchainError(f"method {self.method} takes a {impl.config.__name__} as options, "
+                                 f"got a {type(options).__name__}")
+        shared = {"ratio": self.ratio, "seed": self.seed, "round_to": self.round_to or channel_block()}
+        own = {f.name for f in fields(options)}
+        self.options = replace(options, **{k: v for k, v in shared.items() if k in own})
 
     def _resolve_distillation(self) -> None:
         """Teacher settings: the defaults with a teacher; none without one, where a value is refused.
@@ -83,21 +107,26 @@ class ExportConfig:
                 raise ToolchainError(temperature_error)
             return
         if self.distill_features is None:
-            self.distill_features = FEATURE_WEIGHT
+            self.distill_features = settings.DISTILL_FEATURES
         if self.distill_temperature is None:
-            self.distill_temperature = TrainConfig.distill_temperature
+            self.distill_temperature = settings.DISTILL_TEMPERATURE
         if not self.distill_features >= 0:  # NaN too
             raise ToolchainError(features_error)
         if not self.distill_temperature > 0:
             raise ToolchainError(temperature_error)
 
+    def row_options(self) -> dict:
+        """The options a user chose for the method (--features, --keep, --allocation), as result rows record them."""
+        impl = self.implementation
+        return {name: getattr(self.options, name) for name in impl.option_fields} if impl else {}
+
     def tag(self) -> str:
         """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, second_r0.5_latency, ..."""
-        if self.method == "none":
-            return "none"
-        allocation = method_options(self.method, self.method_options).get("allocation", "uniform")
+        if self.spec.is_baseline:
+            return self.method
+        allocation = getattr(self.options, "allocation", "uniform")
         return (f"{self.method}_r{self.ratio:g}" + ("" if allocation == "uniform" else f"_{allocation}")
-                + (f"_int{self.centroid_bits}" if self.centroid_bits and self.method == "first" else ""))
+                + (f"_int{self.centroid_bits}" if self.centroid_bits else ""))
 
     def default_out(self, arch: str) -> Path:
         return Path("artifacts") / f"{arch}_{self.tag()}.onnx"
@@ -125,70 +154,25 @@ def check_inputs(ckpt: Checkpoint, data: Data | None, n: int = 64) -> torch.Tens
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def method_options(method: str, options: dict) -> dict:
-    """The method options (CLI: --features, --allocation, --keep) that `method`'s config takes."""
-    from dataclasses import fields
-
-    from .methods.first import FirstConfig
-    from .methods.l1_peer import L1Config
-    from .methods.second import SecondConfig
-    config_class = {"first": FirstConfig, "second": SecondConfig, "l1": L1Config}.get(method)
-    names = {f.name for f in fields(config_class)} if config_class else set()
-    return {k: v for k, v in options.items() if k in names}
-
-
-def method_config(cfg: ExportConfig):
-    """The method's own config (FirstConfig, SecondConfig, L1Config; None for none) from cfg."""
-    if cfg.method == "none":
-        return None  # before the imports: the sweep's shared settings and the baseline need none of them
-    from .methods.first import FirstConfig
-    from .methods.l1_peer import L1Config
-    from .methods.second import SecondConfig, cpu_channel_block
-
-    options = method_options(cfg.method, cfg.method_options)
-    if cfg.method == "first":
-        return FirstConfig(ratio=cfg.ratio, seed=cfg.seed, **options)
-    round_to = cfg.round_to or cpu_channel_block()
-    if cfg.method == "second":
-        return SecondConfig(ratio=cfg.ratio, seed=cfg.seed, round_to=round_to, **options)
-    if cfg.method_options.get("allocation", "uniform") != "uniform":
-        raise ToolchainError("the L1 peer prunes to uniform widths: --allocation is for methods first and second")
-    return L1Config(ratio=cfg.ratio, round_to=round_to)
-
-
 def compress(cfg: ExportConfig, ckpt: Checkpoint) -> tuple[torch.nn.Module, dict]:
     """Apply the configured method to a copy of the model; returns it and what was done."""
     import copy
 
-    from .methods.first import apply_first
-    from .methods.l1_peer import apply_l1
-    from .methods.second import apply_second
-
-    if cfg.method == "none":
+    impl = cfg.implementation
+    if impl is None:
         return copy.deepcopy(ckpt.model).eval(), {}
-    model = ckpt.model.eval()  # the methods work on a copy
-    method = method_config(cfg)
-    if cfg.method == "first":
-        return apply_first(model, method)
-    model, info = (apply_second if cfg.method == "second" else apply_l1)(model, method)
-    info["round_to"] = method.round_to
+    model, info = impl.apply(ckpt.model.eval(), cfg.options)  # the methods work on a copy
+    if hasattr(cfg.options, "round_to"):
+        info["round_to"] = cfg.options.round_to
     return model, info
 
 
 def reconstruct(model, ckpt: Checkpoint, data: Data, cfg: ExportConfig) -> list[dict]:
     """The method's least-squares refit on seeded calibration images from the training split."""
-    from .methods.first import refit_centroids
-    from .methods.second import reconstruct as reconstruct_blocks
-    def calibration(n: int, seed: int):
-        return to_tensor(data.train.subset(n, seed).images, ckpt.mean, ckpt.std)
+    def images(n: int, seed_offset: int):
+        return to_tensor(data.train.subset(n, cfg.seed + seed_offset).images, ckpt.mean, ckpt.std)
 
-    images = calibration(cfg.calibration_images, cfg.seed)
-    if cfg.method == "first":
-        return refit_centroids(model, ckpt.model, images)
-    # The classifier gets images of its own, and more of them: features of the blocks' calibration
-    # images are fit to those images (ratio 0.5 before fine-tuning: 77.45% fit on the same 1,024,
-    # 77.76 / 78.12 / 78.30% on 1,024 / 2,048 / 4,096 others).
-    return reconstruct_blocks(model, ckpt.model, images, calibration(4 * cfg.calibration_images, cfg.seed + 1))
+    return cfg.implementation.refit(model, ckpt.model, Calibration(cfg.calibration_images, images))
 
 
 def finetune(model, teacher, ckpt: Checkpoint, data: Data, cfg: ExportConfig, log,
@@ -227,12 +211,11 @@ class Compressed:
 def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: Data | None, log=print,
                       rank: int = 0, world_size: int = 1) -> Compressed:
     """Compress, then with data: refit (or recalibrate) and fine-tune, measuring each stage."""
-    from .methods.first import TRAINED_BITS, train_quantized
-
+    impl = cfg.implementation
     model, info = compress(cfg, ckpt)
     accuracy = {}
-    rounded_from_refit = cfg.method == "first" and cfg.centroid_bits == TRAINED_BITS
-    if data is not None and cfg.method != "none":
+    rounded_from_refit = impl is not None and cfg.centroid_bits in impl.trained_bits
+    if data is not None and impl is not None:
         def measure(stage):
             if rank != 0:
                 return  # only rank 0 reports; the others would evaluate the same model again
@@ -240,13 +223,13 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
             log(f"accuracy {stage}: {accuracy[stage]:.4f}")
 
         if cfg.stage_accuracy:
-            measure("clustered" if cfg.method in REFITS else "pruned")
-        refit = cfg.reconstruct and cfg.method in REFITS
+            measure(impl.stage)
+        refit = cfg.reconstruct and impl.refit is not None
         if refit:
             info["reconstruction"] = reconstruct(model, ckpt, data, cfg)
         if rounded_from_refit:
             # Rounded from here on: the statistics, the measurement and the fine-tune see the stored weights.
-            train_quantized(model, cfg.centroid_bits)
+            impl.round_in_loop(model, cfg.centroid_bits)
         # After a refit the statistics move to the data while the function is kept (see recalibrate_bn).
         recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std, keep_outputs=refit)
         measure("reconstructed" if refit else "recalibrated")
@@ -255,11 +238,11 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
             accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
     elif data is not None:
         accuracy["source"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
-    if data is None and cfg.method != "none":
+    if data is None and impl is not None:
         log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
             "BN recalibration or fine-tuning")
     if rounded_from_refit and not (data is not None and cfg.finetune_epochs):
-        log(f"{TRAINED_BITS}-bit centroids rounded without fine-tuning: expect them to cost accuracy")
+        log(f"{cfg.centroid_bits}-bit weights rounded without fine-tuning: expect them to cost accuracy")
     return Compressed(model, ckpt, source, data, info, accuracy)
 
 
@@ -269,20 +252,21 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
     from export.onnx_export import export_onnx
 
     from .io import sha256_of
-    from .methods.first import int4_tables, quantize_centroids
 
+    impl = cfg.implementation
     model, info, accuracy, ckpt, data = c.model, dict(c.info), dict(c.accuracy), c.ckpt, c.data
-    if cfg.method == "first" and cfg.centroid_bits:
+    int4 = ()
+    if cfg.centroid_bits:
         import copy
 
         model = copy.deepcopy(model)
         info["centroid_bits"] = cfg.centroid_bits
-        quantize_centroids(model, cfg.centroid_bits)
+        int4 = impl.store_bits(model, cfg.centroid_bits)
         if data is not None:
             accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
     model.eval()
     manifest = {
-        "method": cfg.method, "ratio": None if cfg.method == "none" else cfg.ratio,
+        "method": cfg.method, "ratio": None if impl is None else cfg.ratio,
         "arch": ckpt.arch, "classes": list(ckpt.classes),
         "normalization": {"mean": list(ckpt.mean), "std": list(ckpt.std)},
         "source_checkpoint": {"path": str(c.source), "sha256": sha256_of(c.source)},
@@ -290,11 +274,11 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
         "baseline": {"params": count_params(ckpt.model), "macs": count_macs(ckpt.model)},
         "accuracy": accuracy or None, "test_images": len(data.test) if data else 0,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "data", "out")},
-        "finetune_epochs": cfg.finetune_epochs if data is not None and cfg.method != "none" else 0,
+        "finetune_epochs": cfg.finetune_epochs if data is not None and impl is not None else 0,
         **info, "versions": versions(),
     }
-    result = export_onnx(model, out, manifest, check_inputs(ckpt, data), keep_structure=cfg.method == "first",
-                         int4=int4_tables(model))
+    result = export_onnx(model, out, manifest, check_inputs(ckpt, data),
+                         keep_structure=impl is not None and impl.shared_weights, int4=int4)
     log(f"wrote {out} ({result.manifest['model_bytes']:,} bytes); ONNX Runtime vs PyTorch "
         f"max abs difference {result.max_abs_diff:.2e}")
     return result

@@ -1,50 +1,55 @@
 """The export pipeline over several methods and ratios against the baseline, resumable.
 
-Each finished model adds a row to `results.json` at once, so an interrupted sweep starts
-again where it stopped. Latency is measured at the end for all models in one interleaved
-run against the baseline; eval/report.py then writes the tables and plots.
+Each finished model adds a row to `results.json` at once (schema: toolchain.results), so an
+interrupted sweep starts again where it stopped. Latency is measured at the end for all models
+in one interleaved run against the baseline; eval/report.py then writes the tables and plots.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import registry
 from .errors import ToolchainError
 from .io import write_json
-from .pipeline import ExportConfig, method_options, run_export
-
-
-# Settings results.json did not always record, with the value a file without them was made with.
-RECORDED_LATER = {"distill_features": 0.0, "distill_temperature": 4.0}
+from .pipeline import ExportConfig
+from .results import SCHEMA, baseline_row, method_of, row_allocation, upgrade
 
 
 @dataclass
 class SweepConfig:
-    methods: tuple[str, ...] = ("first",)
+    methods: tuple[str, ...] = (registry.METHODS[0].name,)
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     out: str = "artifacts/report"
     export: ExportConfig = None  # everything else: checkpoint, data, fine-tuning, limits
+    # Each method's own config (FirstConfig, SecondConfig, ...) by method name; absent: its defaults.
+    options: dict = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 256)
     repeats: int = 20
-    trained_bits: tuple[int, ...] = ()  # method first: narrower centroids, each its own fine-tune (4)
+    trained_bits: tuple[int, ...] = ()  # narrower storage fine-tuned with its rounding, each its own model (4)
 
     def __post_init__(self):
         if self.export is None:
-            self.export = ExportConfig()
-        from .methods.first import TRAINED_BITS
+            self.export = ExportConfig(method=registry.baseline().name)
+        for name in self.methods:
+            if registry.get(name).kind != registry.MODEL:
+                raise ToolchainError(f"a sweep compresses models: {name} is not a method to sweep")
         self.trained_bits = tuple(dict.fromkeys(self.trained_bits))
-        if set(self.trained_bits) - {TRAINED_BITS}:
-            raise ToolchainError(f"centroids fine-tuned with their rounding have {TRAINED_BITS} bits, "
-                                 f"got {self.trained_bits}")
-        if self.trained_bits and "first" not in self.methods:
-            raise ToolchainError("--centroid-bits adds rows of method first: sweep --method first too")
+        takers = [m for m in self.methods if _implementation(m).trained_bits]
+        allowed = {b for m in takers for b in _implementation(m).trained_bits}
+        every = {b for m in registry.taking("centroid_bits") for b in _implementation(m).trained_bits}
+        if set(self.trained_bits) - every:
+            raise ToolchainError(f"centroids fine-tuned with their rounding have {' or '.join(map(str, sorted(every)))} "
+                                 f"bits, got {self.trained_bits}")
+        if set(self.trained_bits) - allowed:
+            takers = " and ".join(registry.taking("centroid_bits"))
+            raise ToolchainError(f"--centroid-bits adds rows of method {takers}: sweep --method {takers} too")
 
 
-def row_allocation(row: dict) -> str:
-    """How a row's model spread its filters over the layers (--allocation); uniform where not recorded."""
-    return (row.get("options") or {}).get("allocation", "uniform")
+def _implementation(name: str):
+    return registry.get(name).implementation()
 
 
 def _slot(row: dict) -> str:
@@ -59,13 +64,11 @@ def _key(row: dict) -> str:
 
 
 def _identity(cfg: ExportConfig) -> dict:
-    """What a row is: method (baseline for none), ratio, centroid bits (method first only),
-    and the method's own options (--features, --keep, ...)."""
-    if cfg.method == "none":
-        return {"method": "baseline", "ratio": 0.0, "centroid_bits": None, "options": {}}
-    return {"method": cfg.method, "ratio": cfg.ratio,
-            "centroid_bits": cfg.centroid_bits if cfg.method == "first" else None,
-            "options": method_options(cfg.method, cfg.method_options)}
+    """What a row is: method, ratio (0 for the baseline), narrower storage, and the method's own
+    options (--features, --keep, ...)."""
+    has_ratio = cfg.implementation is not None
+    return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "centroid_bits": cfg.centroid_bits,
+            "options": cfg.row_options()}
 
 
 def _load_rows(path: Path, config: dict) -> list[dict]:
@@ -73,26 +76,19 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        earlier = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        earlier = upgrade(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, ValueError):
         return []  # a damaged results file is rebuilt
-    previous = dict(earlier.get("config", {}).get("export", {}))
-    options = previous.pop("method_options", {})  # recorded per row since; older files kept them here
-    # A setting missing from an older file had the value of its time, which for the teacher settings
-    # is not today's default; the others have not changed their default since they were recorded.
-    before = {**asdict(ExportConfig(method="none")), **RECORDED_LATER}
-    current = config["export"]
+    previous, current = earlier["config"].get("export", {}), config["export"]
+    defaults = asdict(ExportConfig(method=registry.baseline().name))  # for settings added since
     teacherless = not previous.get("distill", True) and not current.get("distill", True)
     changed = sorted(k for k in set(previous) | set(current)
-                     if previous.get(k, before.get(k)) != current.get(k, before.get(k))
+                     if previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k))
                      and not (teacherless and k.startswith("distill_")))
     if previous and changed:
         raise ToolchainError(f"{path} holds results made with other settings ({', '.join(changed)}); "
                              "use another --out or remove that folder")
-    rows = earlier.get("rows", [])
-    for row in rows:
-        row.setdefault("options", method_options(row["method"], options))
-    return rows
+    return earlier.get("rows", [])
 
 
 def _row(path, manifest: dict, identity: dict, onnx_eval: dict) -> dict:
@@ -121,27 +117,45 @@ def ideal_speedup(row: dict, baseline_macs: int, block: int) -> float | None:
 
 
 def _variants(cfg: ExportConfig) -> list[ExportConfig]:
-    """The files one compressed model gives: method first with float and with int8 centroids
-    (int8 rounding after a float fine-tune costs nothing measurable); narrower centroids are
-    fine-tuned with their rounding, so they are a model, and a file, of their own."""
-    if cfg.method == "first" and cfg.centroid_bits is None:
-        return [cfg, replace(cfg, centroid_bits=8)]
-    return [cfg]
+    """The files one compressed model gives: as it is and, where the method has narrower storage
+    that needs no training of its own (first: int8 centroids), in that storage too. Storage fine-tuned
+    with its rounding is a model, and a file, of its own."""
+    impl = cfg.implementation
+    if impl is None or cfg.centroid_bits is not None:
+        return [cfg]
+    return [cfg] + [replace(cfg, centroid_bits=bits) for bits in impl.sweep_bits]
+
+
+def _plan(cfg: SweepConfig) -> list[ExportConfig]:
+    """The baseline, every method at every ratio, then the narrower storages trained on their own."""
+    def export(method: str, **changes) -> ExportConfig:
+        return replace(cfg.export, method=method, options=cfg.options.get(method), **changes)
+
+    return ([export(registry.baseline().name, finetune_epochs=0)]
+            + [export(m, ratio=r) for m in cfg.methods for r in cfg.ratios]
+            + [export(m, ratio=r, centroid_bits=b) for b in cfg.trained_bits for m in cfg.methods
+               if b in _implementation(m).trained_bits for r in cfg.ratios])
+
+
+def _file_peers(methods: tuple[str, ...]) -> list[registry.Method]:
+    """Peers made from the baseline's file (no training) of the swept methods: swept beside them."""
+    peers = [registry.get(registry.get(m).peer) for m in methods if registry.get(m).peer]
+    return list(dict.fromkeys(p for p in peers if p.kind == registry.FILE))
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Export and evaluate every (method, ratio), then benchmark and write the report.
 
-    Method first is exported twice from the same fine-tuned model (float and int8 centroids), and
-    once more per `trained_bits` from a fine-tune of its own; when it is swept, ONNX Runtime's int8
-    quantization of the baseline is added as its size peer. Every stage's accuracy is measured.
+    A method with narrower storage is exported in it too from the same fine-tuned model (method
+    first: float and int8 centroids), and once more per `trained_bits` from a fine-tune of its own;
+    a method's peer made from the baseline's file (first's: ONNX Runtime's int8 quantization) is
+    added beside it. Every stage's accuracy is measured.
     """
     from eval.accuracy import evaluate_onnx
-    from eval.bench import BenchConfig, bench, machine
+    from eval.bench import BenchConfig, bench
     from eval.report import write_report
-    from export.int8_peer import METHOD as INT8_PEER
-    from export.int8_peer import quantize_int8
 
+    from .cpu import machine
     from .pipeline import compress_and_tune, export_compressed, load_data, load_source
 
     cfg = replace(cfg, export=replace(cfg.export, stage_accuracy=True))  # the report plots every stage
@@ -159,34 +173,31 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         rows[:] = [r for r in rows if _slot(r) != _slot(identity)]  # made with other options
         rows.append(_row(path, manifest, identity, evaluate_onnx(path, data.test)))
         done.add(_key(identity))
-        write_json(results_path, {"config": _config_record(cfg), "rows": rows})
+        write_json(results_path, _results(cfg, rows))
 
-    plan = [replace(cfg.export, method="none", finetune_epochs=0)] + [
-        replace(cfg.export, method=m, ratio=r) for m in cfg.methods for r in cfg.ratios] + [
-        replace(cfg.export, method="first", ratio=r, centroid_bits=b)
-        for b in cfg.trained_bits if "first" in cfg.methods for r in cfg.ratios]
-    for export_cfg in plan:
+    for export_cfg in _plan(cfg):
         pending = [v for v in _variants(export_cfg) if _key(_identity(v)) not in done]
         if not pending:
             log(f"{_slot(_identity(export_cfg))}: already done, skipped")
             continue
-        log("== baseline" if export_cfg.method == "none" else f"== {export_cfg.tag()}")
+        log(f"== {export_cfg.spec.display if export_cfg.spec.is_baseline else export_cfg.tag()}")
         compressed = compress_and_tune(export_cfg, ckpt, source, data, log)
         for variant in pending:
             path = out / "models" / f"{variant.tag()}.onnx"
             result = export_compressed(compressed, variant, path, log)
             add(path, result.manifest, _identity(variant))
-    peer = {"method": INT8_PEER, "ratio": 0.0, "centroid_bits": None, "options": {}}
-    if "first" in cfg.methods and _key(peer) not in done:
-        log("== size peer: ONNX Runtime int8 weight quantization of the baseline")
-        baseline = next(r["file"] for r in rows if r["method"] == "baseline")
-        path = out / "models" / f"{INT8_PEER}.onnx"
-        add(path, quantize_int8(baseline, path), peer)
-    rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], r["ratio"], r.get("centroid_bits") or 0))
+    for peer in _file_peers(cfg.methods):
+        identity = {"method": peer.name, "ratio": 0.0, "centroid_bits": None, "options": {}}
+        if _key(identity) in done:
+            continue
+        log(f"== peer: {peer.summary}")
+        path = out / "models" / f"{peer.name}.onnx"
+        add(path, peer.implementation().from_file(baseline_row(rows)["file"], path), identity)
+    rows.sort(key=lambda r: (not method_of(r).is_baseline, r["method"], r["ratio"], r.get("centroid_bits") or 0))
     log("benchmarking all models, interleaved with the baseline")
     latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
     where = machine()
-    baseline_macs = next(r["macs"] for r in rows if r["method"] == "baseline")
+    baseline_macs = baseline_row(rows)["macs"]
     for r in rows:
         r["bench_machine"] = where
         r["ideal_speedup"] = ideal_speedup(r, baseline_macs, where["channel_block"])
@@ -195,16 +206,20 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 r[f"p50_ms_b{b['batch_size']}"] = b["p50_ms"]
                 r[f"speedup_b{b['batch_size']}"] = b["speedup"]
                 r[f"session_rss_bytes_b{b['batch_size']}"] = b["session_rss_bytes"]
-    results = {"config": _config_record(cfg), "rows": rows}
+    results = _results(cfg, rows)
     write_json(results_path, results)
     write_report(out, results)
     return results
 
 
+def _results(cfg: SweepConfig, rows: list[dict]) -> dict:
+    return {"schema": SCHEMA, "config": _config_record(cfg), "rows": rows}
+
+
 def _config_record(cfg: SweepConfig) -> dict:
-    """The settings every row shares. Not the methods and ratios: a sweep run again into the
-    same folder with others adds rows, and the rows say what they are."""
-    record = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "ratios", "trained_bits", "out")}
+    """The settings every row shares. Not the methods, ratios and method options: a sweep run again
+    into the same folder with others adds rows, and the rows say what they are."""
+    record = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "ratios", "trained_bits", "out", "options")}
     record["export"] = {k: v for k, v in record["export"].items()
-                        if k not in ("out", "method", "ratio", "centroid_bits", "method_options", "stage_accuracy")}
+                        if k not in ("out", "method", "ratio", "centroid_bits", "options", "stage_accuracy")}
     return record

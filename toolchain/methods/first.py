@@ -16,32 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
 from ..least_squares import batched, block_inputs, capture, solve_conv_weight
 from ..models import CifarResNet, bn_scale, rescale_bn_input
-
-FEATURES = ("raw", "bn-weighted", "scaled")
-ALLOCATIONS = ("uniform", "global")
+from . import Calibration, Implementation
 
 
 @dataclass
 class FirstConfig:
-    ratio: float = 0.5
+    ratio: float = settings.RATIO
     seed: int = 0
     n_init: int = 4
     # raw: plain K-Means on filters; bn-weighted: each filter's error weighted by its BN scale
-    # squared; scaled: cluster filter directions and fold each filter's own scale into its BN.
-    features: str = "scaled"  # best measured (README: method first, feature spaces)
-    allocation: str = "uniform"  # or "global": per-layer k from one parameter budget
+    # squared; scaled: cluster filter directions and fold each filter's own scale into its BN
+    # (the default: the most accurate after the refit and fine-tune, docs/methods.md).
+    features: str = settings.FEATURES[0]
+    allocation: str = settings.FIRST_ALLOCATIONS[0]  # or "global": per-layer k from one parameter budget
     layers: tuple[str, ...] | None = None  # conv names to cluster; None: all
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
-        if self.features not in FEATURES:
-            raise ConfigError(f"features must be one of {FEATURES}, got {self.features!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)} for method first, "
+        if self.features not in settings.FEATURES:
+            raise ConfigError(f"features must be one of {settings.FEATURES}, got {self.features!r}")
+        if self.allocation not in settings.FIRST_ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(settings.FIRST_ALLOCATIONS)} for method first, "
                               f"got {self.allocation!r}")
 
 
@@ -137,7 +137,7 @@ def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
         costs = [conv.weight[0].numel() for _, conv, _ in convs]
         budget = sum(k * c for k, c in zip(ks, costs))
         # Relative errors: layers differ in scale by orders of magnitude, so absolute errors would
-        # starve the layers of small weights (measured: k = 1 for two stage-3 convs at ratio 0.5).
+        # starve the layers of small weights down to a single cluster.
         curves = [error_curve(v, w, cfg.seed) / (w * (v * v).sum(1)).sum() for v, w in inputs]
         ks = allocate_budget(curves, costs, budget)
     layers = []
@@ -220,7 +220,7 @@ def _member_norms(weight: torch.Tensor, assignment: torch.Tensor, k: int) -> tor
 def _rescale_centroids(conv: SharedConv2d, bn: nn.BatchNorm2d, norms: torch.Tensor) -> None:
     """Give the centroids these norms, the BN after the conv keeping the function. BN makes the
     scale free for the function but not for SGD: its effective step goes as 1 / |w|^2, and the
-    least-squares refit leaves centroids 1.3-3.5x the norms of the filters they replace."""
+    least-squares refit leaves centroids larger than the filters they replace."""
     factor = norms.to(conv.centroids.dtype) / conv.centroids.flatten(1).norm(dim=1).clamp_min(1e-12)
     conv.centroids.mul_(factor.view(-1, *([1] * (conv.centroids.ndim - 1))))
     rescale_bn_input(bn, factor[conv.assignment.long()])
@@ -230,8 +230,8 @@ def shared_convs(model: nn.Module) -> list[SharedConv2d]:
     return [m for m in model.modules() if isinstance(m, SharedConv2d)]
 
 
-BITS = (4, 8)
-TRAINED_BITS = 4  # codes this narrow are fine-tuned with quantization in the loop (see quantize_centroids)
+BITS = settings.CENTROID_BITS
+TRAINED_BITS = settings.TRAINED_BITS  # codes this narrow are fine-tuned with quantization in the loop
 
 
 def check_bits(bits: int) -> None:
@@ -285,14 +285,14 @@ def int4_tables(model: nn.Module) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
+def quantize_centroids(model: nn.Module, bits: int = 8) -> tuple[str, ...]:
     """Store each centroid as `bits`-bit integer codes with one float scale (symmetric, per centroid).
 
     Codes are int8 tensors here (4-bit ones within -7..7; the ONNX file stores those as INT4),
     rebuilt in the graph by Cast + Mul, which ONNX Runtime constant-folds at load (unlike
-    DequantizeLinear, which it keeps for its quantized kernels). 8-bit codes cost no measurable
-    accuracy after a float fine-tune; 4-bit codes are fine-tuned with the rounding in the loop
-    (`train_quantized`).
+    DequantizeLinear, which it keeps for its quantized kernels). 8-bit codes are rounded after a
+    float fine-tune; 4-bit codes are fine-tuned with the rounding in the loop (`train_quantized`).
+    Returns the names of the tables the exporter writes as INT4.
     """
     check_bits(bits)
     for m in shared_convs(model):
@@ -302,3 +302,14 @@ def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
         scale = centroid_scales(c, bits)
         m.centroids = nn.Parameter(_round_codes(c, scale, _levels(bits)).to(torch.int8), requires_grad=False)
         m.scale, m.bits = scale.float(), bits
+    return int4_tables(model)
+
+
+def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -> list[dict]:
+    return refit_centroids(model, original, calibration.images(calibration.count, 0))
+
+
+IMPLEMENTATION = Implementation(
+    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation"),
+    stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids,
+    trained_bits=(TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,))

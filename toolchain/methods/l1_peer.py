@@ -16,18 +16,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ToolchainError
+from .. import settings
+from ..errors import ConfigError, ToolchainError
 from ..models import CifarResNet
+from . import Implementation
 from .second import SecondConfig, kept_width
 
 
 @dataclass
 class L1Config:
-    ratio: float = 0.5
+    ratio: float = settings.RATIO
     round_to: int = 1  # as method second: the kept widths are the same
+    allocation: str = "uniform"  # the only one: the peer is compared with method second's uniform widths
 
     def __post_init__(self):
         SecondConfig(ratio=self.ratio, round_to=self.round_to)  # the same checks as method second
+        if self.allocation != "uniform":
+            raise ConfigError("the L1 peer prunes to uniform widths: --allocation is for methods first and second")
 
 
 def _torch_pruning():
@@ -54,3 +59,6 @@ def apply_l1(model: CifarResNet, cfg: L1Config) -> tuple[CifarResNet, dict]:
             graph.get_pruning_group(block.conv1, tp.prune_conv_out_channels, idxs=dropped).prune()
         blocks.append({"filters": filters, "kept": kept})
     return model, {"blocks": blocks, "inner_widths": model.inner_widths()}
+
+
+IMPLEMENTATION = Implementation(config=L1Config, apply=apply_l1)

@@ -24,21 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..clustering import clusters_for, kmeans
+from ..cpu import channel_block
 from ..errors import ConfigError
 from ..least_squares import batched, block_inputs, refit_classifier, relative_error, solve_conv_weight
 from ..models import BasicBlock, CifarResNet, bn_affine, bn_scale, count_macs, rescale_bn_input, set_bn_affine
-
-
-KEEP = ("centroid", "medoid", "largest", "salient")
-# uniform: every block keeps round(filters x (1 - ratio)). latency: per-stage widths that cost the
-# CPU least (multiply-adds with widths padded to its channel block) within uniform's multiply-adds.
-ALLOCATIONS = ("uniform", "latency")
+from . import Calibration, Implementation
 
 
 @dataclass
 class SecondConfig:
-    ratio: float = 0.5
+    ratio: float = settings.RATIO
     seed: int = 0
     n_init: int = 4
     round_to: int = 1  # round each kept width up to a multiple of this (CPU channel blocks)
@@ -46,31 +43,23 @@ class SecondConfig:
     # closest to the centroid) or its largest member (L1 norm). A member keeps an original feature.
     # salient: importance-aware clusters instead of K-Means: the k filters of largest L1 norm (those
     # L1 pruning keeps) stand for the clusters, and every other filter joins the nearest of them,
-    # so its conv2 input is merged rather than lost.
-    keep: str = "salient"  # best measured after fine-tuning (README: method second)
-    allocation: str = "uniform"
+    # so its conv2 input is merged rather than lost (the default: the most accurate after the
+    # fine-tune, docs/methods.md).
+    keep: str = settings.KEEP[0]
+    # uniform: every block keeps round(filters x (1 - ratio)). latency: per-stage widths that cost the
+    # CPU least (multiply-adds with widths padded to its channel block) within uniform's multiply-adds.
+    allocation: str = settings.SECOND_ALLOCATIONS[0]
     channel_block: int | None = None  # allocation latency: the CPU's channel block; None: this CPU's
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
-        if self.keep not in KEEP:
-            raise ConfigError(f"keep must be one of {', '.join(KEEP)}, got {self.keep!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)} for method second, "
-                              f"got {self.allocation!r}")
+        if self.keep not in settings.KEEP:
+            raise ConfigError(f"keep must be one of {', '.join(settings.KEEP)}, got {self.keep!r}")
+        if self.allocation not in settings.SECOND_ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(settings.SECOND_ALLOCATIONS)} for method "
+                              f"second, got {self.allocation!r}")
         if self.round_to < 1:
             raise ConfigError(f"round_to must be 1 or more, got {self.round_to}")
-
-
-def cpu_channel_block() -> int:
-    """Channels per block of ONNX Runtime's CPU convolutions: 16 with AVX-512, 8 with AVX2."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return 1
-    if " avx512f" in flags:
-        return 16
-    return 8 if " avx2" in flags else 1
 
 
 def kept_width(filters: int, ratio: float, round_to: int) -> int:
@@ -112,7 +101,7 @@ def latency_widths(model: CifarResNet, ratio: float, round_to: int, block: int) 
 def block_widths(model: CifarResNet, cfg: SecondConfig) -> list[int]:
     """The width each block's conv1 keeps under cfg's ratio, rounding and allocation."""
     if cfg.allocation == "latency":
-        return latency_widths(model, cfg.ratio, cfg.round_to, cfg.channel_block or cpu_channel_block())
+        return latency_widths(model, cfg.ratio, cfg.round_to, cfg.channel_block or channel_block())
     return [kept_width(f, cfg.ratio, cfg.round_to) for f in model.inner_widths()]
 
 
@@ -156,9 +145,8 @@ def _unfolding_scale(pick: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The BN1 scale each kept filter is divided by to get back to the raw scale of conv filters:
     a member's own, or the members' mean magnitude for a centroid. Clustering happens on folded
     filters, but fine-tuning needs raw ones: BN makes conv1 scale-invariant, so SGD's effective
-    step on it grows as 1 / |w|^2. Folded filters (0.6-0.75x the raw norms here) ended the first
-    fine-tuning epoch at ratio 0.5 at 79.1% against 79.9% at the raw scale (81.2% with every
-    filter at the block's median raw norm)."""
+    step on it grows as 1 / |w|^2, and folded filters fine-tune worse than raw ones
+    (docs/experiments/)."""
     sign = torch.where(pick @ scale < 0, -1.0, 1.0)
     return sign * (pick @ scale.abs()).clamp_min(1e-6)
 
@@ -252,9 +240,7 @@ def reconstruct(pruned: CifarResNet, original: CifarResNet, images: torch.Tensor
     original's would have with the dropped inputs removed (BN2 keeping the function), as the L1
     peer's plainly cut conv2 has: least squares leaves them larger. Last, the classifier is refit
     to the original's logits (see `refit_classifier`) on `classifier_images` (default: `images`).
-    Measured at ratio 0.5 / 0.8 on 10,000 test images before fine-tuning: conv2 alone against the
-    original residual 69.5 / 17.5%; with the shortcut's error made up 71.7 / 24.6%; with conv1
-    refit too 73.3 / 29.7%; with the classifier refit on 4,096 other images 78.3 / 54.7%.
+    Each of these steps raised the accuracy before fine-tuning (docs/experiments/).
     Returns the relative squared error of each block's output and of the logits, before and after.
     """
     errors = []
@@ -291,3 +277,14 @@ def block_errors(pruned: CifarResNet, original: CifarResNet, images: torch.Tenso
     return [relative_error(lambda x: _block_sum(p_block, x), p_in,
                             batched(lambda x: _block_sum(o_block, x), o_in, batch_size), batch_size)
             for _, p_block, o_block, p_in, o_in in _paired_blocks(pruned, original, images, batch_size)]
+
+
+def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -> list[dict]:
+    """The blocks on the calibration images; the classifier on other images, four times as many:
+    fit on the blocks' own images, its features would be fit to those very images."""
+    return reconstruct(model, original, calibration.images(calibration.count, 0),
+                       calibration.images(4 * calibration.count, 1))
+
+
+IMPLEMENTATION = Implementation(config=SecondConfig, apply=apply_second, refit=refit,
+                                option_fields=("allocation", "keep"), stage="clustered")
