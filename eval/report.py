@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from toolchain import registry
+from toolchain import registry, settings
 from toolchain.io import atomic_path
 from toolchain.results import baseline_row, method_of, row_allocation, rows_of
 
@@ -16,7 +16,6 @@ COLUMNS = ["method", "ratio", "centroid_bits", "options", "inner_widths", "param
            "accuracy_quantized",
            "accuracy", "finetune_epochs", "p50_ms_b1", "p50_ms_b256", "speedup_b1", "speedup_b256",
            "ideal_speedup", "session_rss_bytes_b1", "test_images", "file"]
-PEER_PLOTS = {"epochs": "peer_structural.png", "size": "peer_size.png"}  # by Method.compare
 STAGES = [("accuracy_clustered", "clustered", ":"), ("accuracy_pruned", "pruned", ":"), ("accuracy_reconstructed", "reconstructed", "-."),
           ("accuracy_recalibrated", "BN recalibrated", "--"), ("accuracy", "final (ONNX Runtime)", "-")]
 
@@ -28,8 +27,9 @@ def write_report(out: str | Path, results: dict) -> None:
     _write_text(out / "results.csv", _csv(rows))
     plots = _plots(out, rows)
     peer_plots = dict(_peer_plots(out, rows))  # shown in the peer sections, beside their tables
-    _write_text(out / "report.md", "\n".join([_markdown(results, plots), _allocation_markdown(rows),
-                                               _peer_markdown(rows, peer_plots)]))
+    sections = [_markdown(results, plots), _allocation_markdown(rows), _peer_markdown(rows, peer_plots),
+                _quantized_markdown(rows)]
+    _write_text(out / "report.md", "\n".join(s for s in sections if s))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -61,8 +61,9 @@ def _stage_widths(row: dict) -> str:
 def _label(row: dict) -> str:
     """The series a row belongs to: method, a non-uniform allocation, int8 centroids."""
     allocation = row_allocation(row)
-    return (method_of(row).display + ("" if allocation == "uniform" else f" {allocation}")
-            + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else ""))
+    return (method_of(row).display + ("" if allocation == settings.UNIFORM else f" {allocation}")
+            + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else "")
+            + (f" q{row['quantize']}" if row.get("quantize") else ""))
 
 
 def _series(rows, label):
@@ -204,7 +205,7 @@ def allocation_groups(rows: list[dict]) -> list[tuple[registry.Method, float, li
     for r in rows:
         if r.get("inner_widths"):
             groups.setdefault((r["method"], r["ratio"]), []).append(r)
-    return [(method_of(group[0]), ratio, sorted(group, key=lambda r: row_allocation(r) != "uniform"))  # uniform first
+    return [(method_of(group[0]), ratio, sorted(group, key=lambda r: row_allocation(r) != settings.UNIFORM))  # uniform first
             for (_, ratio), group in sorted(groups.items()) if len(group) > 1]
 
 
@@ -233,13 +234,13 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
             ax.set(xlabel="fine-tuning epochs (0: before fine-tuning)", ylabel="test accuracy (%)",
                    title=f"ratio {ratio:g}, widths {_stage_widths(ours)}")
             ax.legend(fontsize=7)
-        save(fig, PEER_PLOTS["epochs"], f"Method {method.name} against {peer.title}")
+        save(fig, method.peer_plot_file, f"Method {method.name} against {peer.title}")
     for method, peer in compared(rows, "size"):
         peer_row, ours = size_rows(rows, method, peer)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for bits in sorted({r.get("centroid_bits") or 32 for r in ours}, reverse=True):
-            bits, label = (None, f"method {method.name}, float weights") if bits == 32 else \
-                (bits, f"method {method.name}, {bits}-bit weights")
+            bits, label = (None, f"method {method.name}, float {method.storage}") if bits == 32 else \
+                (bits, f"method {method.name}, {bits}-bit {method.storage}")
             series = sorted((r for r in ours if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
             if series:
                 ax.plot([r["model_bytes"] / 1e3 for r in series], [100 * r["accuracy"] for r in series], "-o", label=label)
@@ -252,7 +253,7 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
         ax.set(xscale="log", xlabel="ONNX file size (kB, log scale)", ylabel="test accuracy (%)",
                title="Accuracy against file size")
         ax.legend(fontsize=7)
-        save(fig, PEER_PLOTS["size"], f"Method {method.name} against {peer.title}")
+        save(fig, method.peer_plot_file, f"Method {method.name} against {peer.title}")
     return figures
 
 
@@ -260,11 +261,11 @@ def _epochs_markdown(rows: list[dict], method: registry.Method, peer: registry.M
     pairs = epoch_pairs(rows, method, peer)
     if not pairs:
         return []
-    ours, theirs = method.name, f"{peer.display} peer"
+    ours, theirs = method.name, f"{peer.short_name} peer"
     lines = [f"## Method {ours} against {peer.title}", "",
              f"{peer.report_note} Budgets 1, 3, 5 are the test accuracies after those epochs of one run of the "
              "stated schedule; 0 is before fine-tuning.", "",
-             f"| ratio | epochs | {ours} | {theirs} | {ours} - {peer.display} (points) |", "|---|---|---|---|---|"]
+             f"| ratio | epochs | {ours} | {theirs} | {ours} - {peer.short_name} (points) |", "|---|---|---|---|---|"]
     behind = []
     for ratio, a_row, b_row in pairs:
         for epochs in sorted({0, 1, 3, 5, len(a_row["finetune_curve"])}):
@@ -278,13 +279,13 @@ def _epochs_markdown(rows: list[dict], method: registry.Method, peer: registry.M
                      f"{100 * (a_row['accuracy'] - b_row['accuracy']):+.2f} |")
     verdict = (f"method {ours} is at least as accurate as the {theirs} at every budget measured." if not behind else
                f"the {theirs} is ahead at " + ", ".join(behind) + f"; method {ours} everywhere else.")
-    return lines + ["", f"**Who wins:** {verdict}", "", f"![{plot}]({PEER_PLOTS['epochs']})", ""]
+    return lines + ["", f"**Who wins:** {verdict}", "", f"![{plot}]({method.peer_plot_file})", ""]
 
 
 def _size_markdown(rows: list[dict], method: registry.Method, peer: registry.Method, plot: str) -> list[str]:
     base = baseline_row(rows)
     peer_row, ours = size_rows(rows, method, peer)
-    theirs = f"{peer.display} peer"
+    theirs = f"{peer.short_name} peer"
     lines = [f"## Method {method.name} against {peer.title}", "", peer.report_note, "",
              "| model | bytes | x base | accuracy | p50 b1 ms | speed-up b256 |", "|---|---|---|---|---|---|"]
     for r in [peer_row] + sorted(ours, key=lambda r: r["model_bytes"], reverse=True):
@@ -308,15 +309,15 @@ def _size_markdown(rows: list[dict], method: registry.Method, peer: registry.Met
              f"baseline; method {method.name}'s files run at "
              f"{min(r.get('speedup_b256', float('nan')) for r in ours):.2f}-"
              f"{max(r.get('speedup_b256', float('nan')) for r in ours):.2f}x.")
-    return lines + ["", f"**Who wins:** {verdict} {speed}", "", f"![{plot}]({PEER_PLOTS['size']})", ""]
+    return lines + ["", f"**Who wins:** {verdict} {speed}", "", f"![{plot}]({method.peer_plot_file})", ""]
 
 
 def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
     lines = []
     for compare, render in (("epochs", _epochs_markdown), ("size", _size_markdown)):
         for method, peer in compared(rows, compare):
-            if PEER_PLOTS[compare] in plots:
-                lines += render(rows, method, peer, plots[PEER_PLOTS[compare]])
+            if method.peer_plot_file in plots:
+                lines += render(rows, method, peer, plots[method.peer_plot_file])
     return "\n".join(lines)
 
 
@@ -345,6 +346,44 @@ def _allocation_markdown(rows: list[dict]) -> str:
                          f"at batch 256 against an ideal {fastest.get('ideal_speedup') or float('nan'):.2f}x, at "
                          f"{_pct(fastest['accuracy'])}% accuracy."]
     return "\n".join(lines + verdicts + [""])
+
+
+def _float_version(rows: list[dict], row: dict) -> dict | None:
+    """The float model a quantized row was made from: same method, ratio and options."""
+    return next((r for r in rows if not r.get("quantize") and not r.get("centroid_bits") and r["method"] == row["method"]
+                 and r["ratio"] == row["ratio"] and r.get("options") == row.get("options")), None)
+
+
+def _quantized_markdown(rows: list[dict]) -> str:
+    quantized = [r for r in rows if r.get("quantize")]
+    if not quantized:
+        return ""
+    base = baseline_row(rows)
+    peers = [r for r in rows if method_of(r).kind == registry.FILE]
+    lines = ["## Static int8 (ONNX Runtime QDQ) against float", "",
+             "Each model again as ONNX Runtime's static int8: weights int8 per output channel, activations uint8 "
+             "per tensor, calibrated on training images; fine-tuned with the int8 rounding simulated (the same "
+             "budget as its float version). Speed-ups against the float baseline in the same run.", "",
+             "| model | float bytes | int8 bytes | float top-1 | int8 top-1 | int8 - float (points) | "
+             "int8 speed-up b1 | int8 speed-up b256 |", "|---|---|---|---|---|---|---|---|"]
+    for r in quantized:
+        f = _float_version(rows, r) or {}
+        gap = f"{100 * (r['accuracy'] - f['accuracy']):+.2f}" if f else ""
+        lines.append(f"| {_label(r)} r{r['ratio']:g} | {f.get('model_bytes', 0):,} | {r['model_bytes']:,} | "
+                     f"{_pct(f.get('accuracy'))} | {_pct(r['accuracy'])} | {gap} | "
+                     f"{r.get('speedup_b1', float('nan')):.2f} | {r.get('speedup_b256', float('nan')):.2f} |")
+    for p in peers:
+        lines.append(f"| peer: {method_of(p).title} | {base['model_bytes']:,} | {p['model_bytes']:,} | "
+                     f"{_pct(base['accuracy'])} | {_pct(p['accuracy'])} | {100 * (p['accuracy'] - base['accuracy']):+.2f} | "
+                     f"{p.get('speedup_b1', float('nan')):.2f} | {p.get('speedup_b256', float('nan')):.2f} |")
+    for p in peers:
+        beaten = [r for r in quantized if r["model_bytes"] < p["model_bytes"]
+                  and (r.get("speedup_b256") or 0) > (p.get("speedup_b256") or 0)]
+        others = [f"{_label(r)} r{r['ratio']:g}" for r in quantized if r not in beaten]
+        lines += ["", f"**Against {method_of(p).title}:** " + (
+            "every int8 file is smaller and faster." if not others else
+            f"{len(beaten)} of {len(quantized)} int8 files are smaller and faster; not: {', '.join(others)}.")]
+    return "\n".join(lines + [""])
 
 
 def _mb(v):
@@ -379,6 +418,19 @@ def _distillation(export: dict) -> str:
     return f" with distillation from the original (logits at temperature {export['distill_temperature']:g}{blocks})"
 
 
+def _swept(rows: list[dict]) -> list[registry.Method]:
+    """The compression methods with rows here, in registry order."""
+    return [m for m in registry.METHODS if m.kind == registry.MODEL and rows_of(rows, m)]
+
+
+def _stages(rows: list[dict]) -> str:
+    """Which stage *compressed* is for each method swept, e.g. clustered: first, second; pruned: l1."""
+    by_stage = {}
+    for m in _swept(rows):
+        by_stage.setdefault(m.implementation().stage, []).append(m.name)
+    return "; ".join(f"{stage}: {', '.join(names)}" for stage, names in by_stage.items())
+
+
 def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
     rows = results["rows"]
     base = baseline_row(rows)
@@ -402,10 +454,11 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
             f"{_pct(r.get('accuracy_recalibrated'))} | {_pct(r['accuracy'])} | "
             f"{r.get('p50_ms_b1', float('nan')):.3f} | {r.get('p50_ms_b256', float('nan')):.2f} | "
             f"{r.get('speedup_b256', float('nan')):.2f} | {ideal} | {_mb(r.get('session_rss_bytes_b1'))} |")
-    lines += ["", "Accuracies in %; *compressed*: right after clustering (first, second) or pruning (l1); "
-              "*final*: the exported ONNX file under ONNX Runtime, after fine-tuning. "
-              "Method first saves bytes on disk, not RAM: ONNX Runtime materialises the full conv weights "
-              "when it folds the Gather at load. Method second saves both.", ""]
+    notes = [f"Accuracies in %; *compressed*: right after the method ({_stages(rows)}); *final*: the exported ONNX "
+             "file under ONNX Runtime, after fine-tuning."]
+    notes += [f"Method {m.name} saves bytes on disk, not RAM: ONNX Runtime materialises the full conv weights when it "
+              "folds the Gather at load." for m in _swept(rows) if m.implementation().shared_weights]
+    lines += ["", " ".join(notes), ""]
     for name, title in plots:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines)

@@ -20,8 +20,8 @@ from toolchain.methods import Implementation
 from .manifest import read_metadata, set_metadata, write_manifest
 from .onnx_export import check_output_path
 
-def quantize_int8(source: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Quantize `source`'s weights to int8 into `out`; returns the new manifest."""
+def quantize_int8(source: str | os.PathLike, out: str | os.PathLike, method: str) -> dict:
+    """Quantize `source`'s weights to int8 into `out`; returns the new manifest, which names `method`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = check_output_path(out)
@@ -31,7 +31,7 @@ def quantize_int8(source: str | os.PathLike, out: str | os.PathLike) -> dict:
     with atomic_path(out) as tmp:
         quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
         proto = onnx.load(str(tmp))
-        manifest = {**manifest, "method": "int8-dynamic", "ratio": None, "quantized_from": str(source)}
+        manifest = {**manifest, "method": method, "ratio": None, "quantized_from": str(source)}
         set_metadata(proto, manifest)
         onnx.save(proto, str(tmp))
         return write_manifest(out, manifest, sized_from=tmp)

@@ -131,15 +131,21 @@ def check_output_path(out: str | os.PathLike) -> Path:
     return out
 
 
-def compact_names(graph: onnx.GraphProto) -> None:
+def compact_names(graph: onnx.GraphProto, initializers: bool = False) -> None:
     """Short names for nodes and intermediate values, no doc strings.
 
     The exporter names every value after its module path ("/layer1/layer1.0/conv1/Conv_output_0");
-    in a 60 KB shared-weight file those names are a third of the bytes. Inputs, outputs
-    and initializers (the weights a reader looks for) keep their names.
+    in a 60 KB shared-weight file those names are a third of the bytes. Inputs and outputs keep
+    their names, and so do initializers (the weights a reader looks for) unless `initializers`:
+    an int8 file's quantizer adds three per weight (codes, scale, zero point), long names all.
     """
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
     renamed: dict[str, str] = {}
+    if initializers:
+        for index, tensor in enumerate(graph.initializer):
+            renamed[tensor.name] = tensor.name = f"w{index}"
+    else:
+        keep |= {t.name for t in graph.initializer}
     for index, node in enumerate(graph.node):
         node.name = f"n{index}"
         node.doc_string = ""

@@ -51,7 +51,7 @@ def test_the_link_finder_finds_links():
 def test_the_cli_reference_names_every_command_and_flag():
     """docs/cli.md is the contract: every command and every option of today's CLI is in it."""
     from toolchain.cli import cli
-    text = (ROOT / "docs" / "cli.md").read_text()
+    text = (ROOT / "docs" / "cli.md").read_text().split("## Planned")[0]  # what is built, not what is planned
     for name, command in cli.commands.items():
         assert f"toolchain {name}" in text, name
         for param in command.params:

@@ -65,7 +65,7 @@ def test_int8_peer_is_a_quarter_of_the_bytes_at_the_baselines_accuracy(baseline_
 
     base = run_export(ExportConfig(method="none", checkpoint=str(baseline_path), data=str(data_root),
                                    test_limit=10, out=str(tmp_path / "base.onnx")), log=print)
-    manifest = quantize_int8(base.path, tmp_path / "int8.onnx")
+    manifest = quantize_int8(base.path, tmp_path / "int8.onnx", "int8-dynamic")
     assert manifest["method"] == "int8-dynamic" and manifest["normalization"] == base.manifest["normalization"]
     assert read_metadata(onnx.load(str(tmp_path / "int8.onnx")))["method"] == "int8-dynamic"
     assert manifest["model_bytes"] < 0.3 * base.manifest["model_bytes"]
@@ -85,7 +85,7 @@ def test_int8_peer_refuses_a_foreign_file_and_writes_nothing(tmp_path):
     onnx.save(helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w]),
                                 opset_imports=[helper.make_opsetid("", 17)]), foreign)
     with pytest.raises(ToolchainError, match="not written by this toolchain"):
-        quantize_int8(foreign, tmp_path / "out.onnx")
+        quantize_int8(foreign, tmp_path / "out.onnx", "int8-dynamic")
     assert not (tmp_path / "out.onnx").exists()
 
 

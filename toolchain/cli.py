@@ -1,7 +1,7 @@
 """The `toolchain` command: a thin layer of click commands over the library.
 
 Errors a user can cause print one line on stderr and exit with status 2
-(tracebacks only with --debug); see docs/CLI contract.
+(tracebacks only with --debug); the contract is docs/cli.md.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def compression_options(command):
              "filter directions and fold each filter's scale into its BatchNorm.")(command)
 
 
+def _method_configs(methods, **options) -> dict:
+    """Each method's own config from the compression options, those it has fields for."""
+    return {m: registry.get(m).config(**options) for m in methods}
+
+
 def _method_help(names: list[str]) -> str:
     return "; ".join(f"{name}: {registry.get(name).summary}" for name in names) + "."
 
@@ -77,20 +82,20 @@ def cli(ctx, debug):
 
 
 @cli.command()
-@click.option("--arch", default="resnet20", show_default=True, help="resnet20|resnet32|resnet44|resnet56|resnet110")
+@click.option("--arch", default=settings.ARCH, show_default=True, help="resnet20|resnet32|resnet44|resnet56|resnet110")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
-@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=settings.TRAIN_EPOCHS, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Checkpoint written after every epoch; default: artifacts/<arch>_cifar10.pt.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint at --out.")
 @click.option("--force", is_flag=True, help="Replace an existing --out instead of refusing.")
 @click.option("--init", type=click.Path(dir_okay=False), help="Start from this checkpoint's weights (new schedule).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--seed", type=int, default=settings.SEED, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=settings.TRAIN_LR, show_default=True,
               help="Peak learning rate.")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=settings.TRAIN_BATCH_SIZE, show_default=True)
+@click.option("--schedule", type=click.Choice(settings.SCHEDULES), default=settings.SCHEDULES[0], show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=settings.WEIGHT_DECAY, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Train on a seeded random subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Report test accuracy on a subset of N test images.")
 @click.option("--download", is_flag=True, help="Fetch the original CIFAR-10 with torchvision first.")
@@ -160,8 +165,13 @@ def teacher_options(has_no_distill: bool):
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
 @compression_options
-@click.option("--round-to", type=click.IntRange(1), help="Method second: round kept widths up to a multiple of N.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--round-to", type=click.IntRange(1),
+              help=f"Method {' and '.join(registry.taking('round_to'))}: round kept widths up to a multiple of N "
+                   "(default: this CPU's channel block).")
+@click.option("--quantize", type=click.Choice(settings.QUANTIZE),
+              help="Write ONNX Runtime's static int8 (QDQ) file, calibrated on training images (needs data); with "
+                   "fine-tuning, the fine-tune simulates the int8 rounding (quantization-aware).")
+@click.option("--seed", type=int, default=settings.SEED, show_default=True)
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file to write; default: artifacts/<arch>_<method>_r<ratio>.onnx")
@@ -171,19 +181,19 @@ def teacher_options(has_no_distill: bool):
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
            distill_temperature, centroid_bits,
-           features, allocation, keep, no_reconstruct, round_to, seed, train_limit, test_limit, out, stage_accuracy,
-           json_out):
+           features, allocation, keep, no_reconstruct, round_to, quantize, seed, train_limit, test_limit, out,
+           stage_accuracy, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
 
     _refuse_options_of_other_methods(method)
 
-    options = registry.get(method).config(features=features, allocation=allocation, keep=keep)
+    options = _method_configs([method], features=features, allocation=allocation, keep=keep)[method]
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,
-                       centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to,
+                       centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to, quantize=quantize,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
                        reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, options=options)
     with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
@@ -246,7 +256,8 @@ def _ratio_list(value: str) -> tuple[float, ...]:
               help="Method to sweep; repeat to sweep several into one report. first is exported with float and "
                    "int8 centroids beside its peer, ONNX Runtime's int8 quantization of the baseline. "
                    + _method_help(registry.names(registry.MODEL)))
-@click.option("--ratios", default="0.25,0.5,0.75,0.9", show_default=True, help="Comma-separated ratios.")
+@click.option("--ratios", default=",".join(map(str, settings.SWEEP_RATIOS)), show_default=True,
+              help="Comma-separated ratios.")
 @click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Source checkpoint; default: the shipped baseline.")
 @click.option("--arch", help="Architecture, where the checkpoint does not record it.")
@@ -261,11 +272,15 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--centroid-bits", "extra_bits", type=click.Choice([str(settings.TRAINED_BITS)]), multiple=True,
               help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
                    "in the loop).")
-@click.option("--repeats", type=click.IntRange(1), default=20, show_default=True, help="Latency repeats.")
-@click.option("--out", type=click.Path(file_okay=False), default="artifacts/report", show_default=True)
+@click.option("--quantize", type=click.Choice(settings.QUANTIZE), multiple=True,
+              help="Also export every model, the baseline too, as ONNX Runtime's static int8 (QDQ), each with a "
+                   "quantization-aware fine-tune of its own.")
+@click.option("--repeats", type=click.IntRange(1), default=settings.SWEEP_REPEATS, show_default=True,
+              help="Latency repeats.")
+@click.option("--out", type=click.Path(file_okay=False), default=settings.SWEEP_OUT, show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_features,
           distill_temperature, features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits,
-          repeats, out):
+          quantize, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""
@@ -283,10 +298,11 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
                               round_to=round_to, train_limit=train_limit, test_limit=test_limit,
                               reconstruct=not no_reconstruct)
     methods = tuple(dict.fromkeys(methods))
-    options = {m: registry.get(m).config(features=features, allocation=allocation, keep=keep) for m in methods}
+    options = _method_configs(methods, features=features, allocation=allocation, keep=keep)
     try:
         run_sweep(SweepConfig(methods=methods, ratios=ratio_values, out=out, export=export_cfg, options=options,
-                              repeats=repeats, trained_bits=tuple(int(b) for b in extra_bits)), log=click.echo)
+                              repeats=repeats, trained_bits=tuple(int(b) for b in extra_bits), quantize=quantize),
+                  log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished ratios are kept in {out}/results.json; "
                    "run the same command again to continue", err=True)
@@ -307,10 +323,11 @@ def _int_list(value: str) -> tuple[int, ...]:
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch-sizes", default="1,32,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch-sizes", default=",".join(map(str, settings.BENCH_BATCH_SIZES)), show_default=True,
+              help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads per session (default: all cores).")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=settings.BENCH_WARMUP, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=settings.BENCH_REPEATS, show_default=True)
 @click.option("--json", "json_out", help="Write rows as JSON to PATH ('-' for stdout).")
 def bench(models, provider, batch_sizes, threads, warmup, repeats, json_out):
     """Latency of ONNX models, interleaved in one run (each timed run after 10 ms of untimed runs of the same
@@ -321,12 +338,41 @@ def bench(models, provider, batch_sizes, threads, warmup, repeats, json_out):
                       warmup=warmup, repeats=repeats)
     rows = run_bench(list(models), cfg, progress=lambda b: click.echo(f"batch {b} done", err=True))
     if json_out != "-":
+        isa = ", ".join(k for k, on in rows[0]["instruction_sets"].items() if on) or "none of avx2, avx512, vnni"
+        click.echo(f"CPU: {rows[0]['cpu']} ({isa}), {provider}")
         click.echo(f"{'model':<44} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
                    f"{'img/s':>9} {'speedup':>7}")
         for r in rows:
             click.echo(f"{r['model'][-44:]:<44} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
                        f"{r['p99_ms']:>9.3f} {r['images_per_s']:>9.0f} {r['speedup']:>7.3f}")
     emit_json(json_out, rows)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), help=DATA_HELP + " (calibration images from its training split)")
+@click.option("--out", type=click.Path(dir_okay=False), help="int8 file to write; default: MODEL with _int8 before .onnx.")
+@click.option("--calibration-images", type=click.IntRange(1), default=settings.INT8_CALIBRATION_IMAGES,
+              show_default=True, help="Training images the activation ranges are taken over.")
+@click.option("--seed", type=int, default=settings.SEED, show_default=True, help="Which calibration images.")
+@click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
+def quantize(model, data, out, calibration_images, seed, json_out):
+    """Post-training static int8 (ONNX Runtime QDQ: int8 weights per channel, uint8 activations) of a float
+    ONNX file, calibrated on training images; for models without a PyTorch checkpoint."""
+    from pathlib import Path
+
+    from eval.runtime import load_onnx
+    from export.int8_static import calibration_images as calibration, quantize_int8
+
+    from .data import load_split
+
+    proto = load_onnx(model)  # a missing, invalid or foreign file fails here
+    out = out or str(Path(model).with_name(Path(model).stem + "_int8.onnx"))
+    images = calibration(proto, load_split(data, "train"), calibration_images, seed)
+    manifest = quantize_int8(model, out, images)
+    if json_out != "-":
+        click.echo(f"wrote {out} ({manifest['model_bytes']:,} bytes, calibrated on {len(images)} images)")
+    emit_json(json_out, manifest)
 
 
 @cli.command()

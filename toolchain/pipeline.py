@@ -36,6 +36,9 @@ class ExportConfig:
     distill_features: float | None = None  # weight of the residual blocks' outputs matched to the original's
     distill_temperature: float | None = None  # softmax temperature of the logit distillation
     centroid_bits: int | None = None  # narrower storage where the method has it (first: 8 or 4)
+    # "int8": the file is ONNX Runtime's static int8 (QDQ), calibrated on training images; with
+    # fine-tuning, the fine-tune is quantization-aware (toolchain.quantization).
+    quantize: str | None = None
     round_to: int | None = None  # methods that prune channels: multiple of kept widths; None: the CPU's block
     # Data-aware least-squares refit on calibration images (methods that have one), then BN
     # statistics moved to the data with the function kept (a plain recalibration would blur the
@@ -47,7 +50,7 @@ class ExportConfig:
     stage_accuracy: bool = False
     train_limit: int | None = None  # subsets, for quick runs and tests
     test_limit: int | None = None
-    seed: int = 0
+    seed: int = settings.SEED
     out: str | None = None
     # The method's own config (FirstConfig, SecondConfig, L1Config; None: its defaults). Its ratio,
     # seed and round_to are set from the fields above, so that one place decides them.
@@ -63,6 +66,10 @@ class ExportConfig:
             raise ToolchainError("--finetune-epochs must be 0 or more")
         self._resolve_distillation()
         self._resolve_options()
+        if self.quantize is not None and self.quantize not in settings.QUANTIZE:
+            raise ToolchainError(f"--quantize takes {', '.join(settings.QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize and self.centroid_bits:
+            raise ToolchainError("--quantize int8 rounds every weight itself: not with --centroid-bits")
         if self.centroid_bits is not None:
             impl = spec.implementation()
             if impl is None or impl.check_bits is None:
@@ -90,6 +97,11 @@ class ExportConfig:
             raise ToolchainError(f"method {self.method} takes a {impl.config.__name__} as options, "
                                  f"got a {type(options).__name__}")
         shared = {"ratio": self.ratio, "seed": self.seed, "round_to": self.round_to or channel_block()}
+        defaults = impl.config()
+        for f in fields(options):  # a value set in the options that this config would silently override
+            mine = getattr(options, f.name)
+            if f.name in shared and mine not in (getattr(defaults, f.name), shared[f.name]):
+                raise ToolchainError(f"set {f.name} on the export config, not in its options ({f.name}={mine})")
         own = {f.name for f in fields(options)}
         self.options = replace(options, **{k: v for k, v in shared.items() if k in own})
 
@@ -123,10 +135,13 @@ class ExportConfig:
     def tag(self) -> str:
         """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, second_r0.5_latency, ..."""
         if self.spec.is_baseline:
-            return self.method
-        allocation = getattr(self.options, "allocation", "uniform")
-        return (f"{self.method}_r{self.ratio:g}" + ("" if allocation == "uniform" else f"_{allocation}")
-                + (f"_int{self.centroid_bits}" if self.centroid_bits else ""))
+            return self.method + self._quantized_tag()
+        allocation = getattr(self.options, "allocation", settings.UNIFORM)
+        return (f"{self.method}_r{self.ratio:g}" + ("" if allocation == settings.UNIFORM else f"_{allocation}")
+                + (f"_int{self.centroid_bits}" if self.centroid_bits else "") + self._quantized_tag())
+
+    def _quantized_tag(self) -> str:
+        return f"_q{self.quantize}" if self.quantize else ""
 
     def default_out(self, arch: str) -> Path:
         return Path("artifacts") / f"{arch}_{self.tag()}.onnx"
@@ -206,22 +221,34 @@ class Compressed:
     data: Data | None
     info: dict
     accuracy: dict
+    int8: object | None = None  # toolchain.quantization.Int8Simulation while the model simulates int8
+
+
+def int8_calibration(cfg: ExportConfig, ckpt: Checkpoint, data: Data) -> torch.Tensor:
+    """The seeded training images int8 activation ranges are taken over, in PyTorch and ONNX Runtime alike."""
+    return to_tensor(data.train.subset(settings.INT8_CALIBRATION_IMAGES, cfg.seed + 2).images, ckpt.mean, ckpt.std)
 
 
 def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: Data | None, log=print,
                       rank: int = 0, world_size: int = 1) -> Compressed:
-    """Compress, then with data: refit (or recalibrate) and fine-tune, measuring each stage."""
+    """Compress, then with data: refit (or recalibrate) and fine-tune, measuring each stage. With
+    int8, the model simulates its int8 version from the fine-tune on (quantization-aware)."""
+    from .quantization import simulate_int8
+
     impl = cfg.implementation
     model, info = compress(cfg, ckpt)
     accuracy = {}
+    if cfg.quantize and data is None:
+        raise ToolchainError(f"--quantize {cfg.quantize} calibrates on training images: give --data or set CIFAR10_ROOT")
+
+    def measure(stage):
+        if rank != 0:
+            return  # only rank 0 reports; the others would evaluate the same model again
+        accuracy[stage] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        log(f"accuracy {stage}: {accuracy[stage]:.4f}")
+
     rounded_from_refit = impl is not None and cfg.centroid_bits in impl.trained_bits
     if data is not None and impl is not None:
-        def measure(stage):
-            if rank != 0:
-                return  # only rank 0 reports; the others would evaluate the same model again
-            accuracy[stage] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
-            log(f"accuracy {stage}: {accuracy[stage]:.4f}")
-
         if cfg.stage_accuracy:
             measure(impl.stage)
         refit = cfg.reconstruct and impl.refit is not None
@@ -233,21 +260,30 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
         # After a refit the statistics move to the data while the function is kept (see recalibrate_bn).
         recalibrate_bn(model, data.train, seed=cfg.seed, mean=ckpt.mean, std=ckpt.std, keep_outputs=refit)
         measure("reconstructed" if refit else "recalibrated")
-        if cfg.finetune_epochs:
-            info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log, rank, world_size)
-            accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
     elif data is not None:
-        accuracy["source"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+        measure("source")
+    sim = None
+    if cfg.quantize:
+        sim = simulate_int8(model)
+        sim.calibrate(int8_calibration(cfg, ckpt, data))
+        measure("int8_calibrated")  # post-training quantization, before any fine-tune
+    if data is not None and cfg.finetune_epochs and (impl is not None or sim is not None):
+        info["finetune_history"] = finetune(model, ckpt.model, ckpt, data, cfg, log, rank, world_size)
+        accuracy["finetuned"] = info["finetune_history"][-1]["test_accuracy"]
+        if sim is not None:
+            sim.calibrate(int8_calibration(cfg, ckpt, data))  # the ranges the int8 file will have
+            measure("int8_simulated")
     if data is None and impl is not None:
         log("no dataset given (--data or $CIFAR10_ROOT): exporting without reconstruction, "
             "BN recalibration or fine-tuning")
     if rounded_from_refit and not (data is not None and cfg.finetune_epochs):
         log(f"{cfg.centroid_bits}-bit weights rounded without fine-tuning: expect them to cost accuracy")
-    return Compressed(model, ckpt, source, data, info, accuracy)
+    return Compressed(model, ckpt, source, data, info, accuracy, sim)
 
 
 def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
-    """Write `c` to ONNX with its manifest (centroids quantized first if cfg asks; `c` is kept)."""
+    """Write `c` to ONNX with its manifest (centroids quantized first if cfg asks; `c` is kept, except
+    that an int8 simulation ends here: the float model is exported, then quantized)."""
     from export.manifest import versions
     from export.onnx_export import export_onnx
 
@@ -265,6 +301,13 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
         if data is not None:
             accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
     model.eval()
+    check = check_inputs(ckpt, data, 256 if c.int8 is not None else 64)
+    simulated = None
+    if c.int8 is not None:
+        with torch.no_grad():
+            simulated = model(check).numpy()  # what the int8 file must give
+        c.int8.remove()
+        c.int8 = None
     manifest = {
         "method": cfg.method, "ratio": None if impl is None else cfg.ratio,
         "arch": ckpt.arch, "classes": list(ckpt.classes),
@@ -273,15 +316,48 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
         "params": count_params(model), "macs": count_macs(model),
         "baseline": {"params": count_params(ckpt.model), "macs": count_macs(ckpt.model)},
         "accuracy": accuracy or None, "test_images": len(data.test) if data else 0,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "data", "out")},
-        "finetune_epochs": cfg.finetune_epochs if data is not None and impl is not None else 0,
+        "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "data", "out")},
+                   "method_options": cfg.row_options()},
+        "finetune_epochs": cfg.finetune_epochs if data is not None and info.get("finetune_history") else 0,
         **info, "versions": versions(),
     }
-    result = export_onnx(model, out, manifest, check_inputs(ckpt, data),
-                         keep_structure=impl is not None and impl.shared_weights, int4=int4)
+    keep_structure = impl is not None and impl.shared_weights
+    if simulated is None:
+        result = export_onnx(model, out, manifest, check, keep_structure=keep_structure, int4=int4)
+    else:
+        result = _export_int8(model, out, manifest, check, simulated, int8_calibration(cfg, ckpt, data), keep_structure,
+                              data.test)
     log(f"wrote {out} ({result.manifest['model_bytes']:,} bytes); ONNX Runtime vs PyTorch "
         f"max abs difference {result.max_abs_diff:.2e}")
     return result
+
+
+def _export_int8(model, out: Path, manifest: dict, check: torch.Tensor, simulated, calibration: torch.Tensor,
+                 keep_structure: bool, test: Split):
+    """The float model to ONNX (checked against PyTorch as any export), then to static int8, checked
+    against the PyTorch model that simulated it: their top-1 classes agree on INT8_AGREEMENT of the check
+    images or nothing is written. The float model's agreement with the int8 file is recorded beside, and
+    the int8 file's own accuracy on the test images (ONNX Runtime) as accuracy.onnx_int8."""
+    import tempfile
+
+    from eval.accuracy import evaluate_onnx
+    from export.int8_static import agreement, quantize_int8
+    from export.onnx_export import ExportResult, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        float_file = export_onnx(model, Path(tmp) / "float.onnx", manifest, check, keep_structure=keep_structure)
+        with torch.no_grad():
+            float_logits = model(check).numpy()
+        report, accuracy = {}, dict(manifest["accuracy"] or {})
+
+        def verify(path):
+            report.update(agreement(path, check.numpy(), simulated, float_logits))
+            accuracy["onnx_int8"] = evaluate_onnx(path, test)["accuracy"]
+
+        full = quantize_int8(float_file.path, out, calibration.numpy(),
+                             {**manifest, "float_check_max_abs_diff": float_file.max_abs_diff}, verify=verify,
+                             extra=lambda: {"int8_check": report, "accuracy": accuracy})
+    return ExportResult(out, report["max_abs_diff_simulated"], full)
 
 
 def run_export(cfg: ExportConfig, log=print, rank: int = 0, world_size: int = 1):

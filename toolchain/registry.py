@@ -36,11 +36,22 @@ class Method:
     compare: str | None = None
     title: str | None = None  # in report headings, e.g. "L1-norm pruning"
     label: str | None = None  # in tables and plots; default: the name
+    short: str | None = None  # a peer's, in the report's comparison tables; default: the label
+    storage: str = "weights"  # what its narrower storage rounds, in the report's words
+    peer_plot: str | None = None  # the report's plot of this method against its peer; default peer_<name>.png
     report_note: str = ""  # a peer's: how it is made, for the report's comparison section
 
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    @property
+    def short_name(self) -> str:
+        return self.short or self.display
+
+    @property
+    def peer_plot_file(self) -> str:
+        return self.peer_plot or f"peer_{self.name}.png"
 
     @property
     def is_baseline(self) -> bool:
@@ -65,17 +76,17 @@ class Method:
 METHODS = (
     Method("first", "shared centroid filters: every conv's filters replaced by their clusters' centroids",
            module="toolchain.methods.first", options=("centroid_bits", "features", "no_reconstruct"),
-           peer="int8-dynamic", compare="size"),
+           peer="int8-dynamic", compare="size", storage="centroids", peer_plot="peer_size.png"),
     Method("second", "smaller residual blocks: each block's first conv keeps one filter per cluster",
            module="toolchain.methods.second", options=("keep", "round_to", "no_reconstruct"),
-           peer="l1", compare="epochs"),
+           peer="l1", compare="epochs", peer_plot="peer_structural.png"),
     Method("l1", "the peer of second: Torch-Pruning L1-norm pruning to second's widths (peers extra)",
-           module="toolchain.methods.l1_peer", options=("round_to",), title="L1-norm pruning",
+           module="toolchain.methods.l1_peer", options=("round_to",), title="L1-norm pruning", short="L1",
            report_note="The L1 peer (`--method l1`) prunes the same block-conv1 channels to the same widths with "
                        "Torch-Pruning (smallest filter L1 norms go), then gets the same BN recalibration and the very "
                        "same fine-tuning (schedule, epochs, learning rate, distillation)."),
     Method("int8-dynamic", "the peer of first: ONNX Runtime's int8 weight quantization of the baseline file",
-           kind=FILE, module="export.int8_peer", title="int8 weight quantization",
+           kind=FILE, module="export.int8_peer", title="int8 weight quantization", short="int8",
            report_note="The size peer is ONNX Runtime's `quantize_dynamic` (int8 weights, activations quantized at "
                        "run time, no fine-tuning) on the baseline ONNX file."),
     Method("none", "the model as it is (the baseline)", kind=BASELINE, label="baseline"),

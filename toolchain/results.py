@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 
-from . import registry
+from . import registry, settings
+from .errors import ConfigError
 
 SCHEMA = 2
 
@@ -30,7 +31,8 @@ def upgrade(results: dict) -> dict:
     results = copy.deepcopy(results)
     schema = results.get("schema", 1)
     if schema > SCHEMA:
-        raise ValueError(f"results schema {schema} is newer than this toolchain's ({SCHEMA})")
+        raise ConfigError(f"the results file has schema {schema}, newer than this toolchain's ({SCHEMA}): "
+                          "it was written by a newer version; use another --out or that version")
     if schema == 1:
         export = results.setdefault("config", {}).setdefault("export", {})
         shared_options = export.pop("method_options", {})
@@ -60,4 +62,4 @@ def rows_of(rows: list[dict], method: registry.Method) -> list[dict]:
 
 def row_allocation(row: dict) -> str:
     """How a row's model spread its filters over the layers (--allocation); uniform where not recorded."""
-    return (row.get("options") or {}).get("allocation", "uniform")
+    return (row.get("options") or {}).get("allocation", settings.UNIFORM)

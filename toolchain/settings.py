@@ -4,7 +4,17 @@ The configs (ExportConfig, TrainConfig, the methods' configs) and the CLI's opti
 read them from here. The module imports nothing, so `toolchain --help` starts without torch.
 """
 
+SEED = 0
 RATIO = 0.5  # the original work's ratio: the fraction of filters removed from each clustered layer
+
+# Training from scratch (toolchain train).
+ARCH = "resnet20"
+TRAIN_EPOCHS = 50
+TRAIN_BATCH_SIZE = 128
+TRAIN_LR = 0.1  # peak learning rate
+WEIGHT_DECAY = 5e-4
+SCHEDULES = ("onecycle", "cosine")  # the default first
+
 FINETUNE_EPOCHS = 3
 FINETUNE_LR = 0.01  # peak of the one-cycle schedule
 CALIBRATION_IMAGES = 1024  # training images the least-squares refit is fit on
@@ -22,4 +32,18 @@ FIRST_ALLOCATIONS = ("uniform", "global")
 # Methods second and l1.
 KEEP = ("salient", "medoid", "centroid", "largest")  # the default first
 SECOND_ALLOCATIONS = ("uniform", "latency")
-ALLOCATIONS = ("uniform", "global", "latency")  # every method's, for the shared CLI option
+ALLOCATIONS = tuple(dict.fromkeys(FIRST_ALLOCATIONS + SECOND_ALLOCATIONS))  # every method's, for the shared CLI option
+UNIFORM = ALLOCATIONS[0]  # the same ratio in every layer
+
+# Sweeps and benchmarks.
+SWEEP_RATIOS = (0.25, 0.5, 0.75, 0.9)
+SWEEP_OUT = "artifacts/report"
+SWEEP_BATCH_SIZES = (1, 256)
+SWEEP_REPEATS = 20
+BENCH_BATCH_SIZES = (1, 32, 256)
+BENCH_WARMUP = 5
+BENCH_REPEATS = 30
+
+# Static int8 deployment (ONNX Runtime QDQ).
+QUANTIZE = ("int8",)
+INT8_CALIBRATION_IMAGES = 512  # training images the activation ranges are taken over

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import registry
+from . import registry, settings
 from .errors import ToolchainError
 from .io import write_json
 from .pipeline import ExportConfig
@@ -21,14 +21,15 @@ from .results import SCHEMA, baseline_row, method_of, row_allocation, upgrade
 @dataclass
 class SweepConfig:
     methods: tuple[str, ...] = (registry.METHODS[0].name,)
-    ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
-    out: str = "artifacts/report"
+    ratios: tuple[float, ...] = settings.SWEEP_RATIOS
+    out: str = settings.SWEEP_OUT
     export: ExportConfig = None  # everything else: checkpoint, data, fine-tuning, limits
     # Each method's own config (FirstConfig, SecondConfig, ...) by method name; absent: its defaults.
     options: dict = field(default_factory=dict)
-    batch_sizes: tuple[int, ...] = (1, 256)
-    repeats: int = 20
+    batch_sizes: tuple[int, ...] = settings.SWEEP_BATCH_SIZES
+    repeats: int = settings.SWEEP_REPEATS
     trained_bits: tuple[int, ...] = ()  # narrower storage fine-tuned with its rounding, each its own model (4)
+    quantize: tuple[str, ...] = ()  # "int8": every model (the baseline too) again as static int8, fine-tuned for it
 
     def __post_init__(self):
         if self.export is None:
@@ -36,7 +37,14 @@ class SweepConfig:
         for name in self.methods:
             if registry.get(name).kind != registry.MODEL:
                 raise ToolchainError(f"a sweep compresses models: {name} is not a method to sweep")
+        for name, options in self.options.items():
+            if name not in self.methods:
+                raise ToolchainError(f"options given for method {name}, which this sweep does not sweep")
+            config = _implementation(name).config
+            if options is not None and not isinstance(options, config):
+                raise ToolchainError(f"method {name} takes a {config.__name__} as options, got a {type(options).__name__}")
         self.trained_bits = tuple(dict.fromkeys(self.trained_bits))
+        self.quantize = tuple(dict.fromkeys(self.quantize))
         takers = [m for m in self.methods if _implementation(m).trained_bits]
         allowed = {b for m in takers for b in _implementation(m).trained_bits}
         every = {b for m in registry.taking("centroid_bits") for b in _implementation(m).trained_bits}
@@ -55,7 +63,8 @@ def _implementation(name: str):
 def _slot(row: dict) -> str:
     """Which model a row is for (and so which file it writes): the allocation gives other shapes,
     so rows of two allocations stand side by side; other options replace each other."""
-    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{row_allocation(row)}"
+    quantized = f"@{row['quantize']}" if row.get("quantize") else ""  # rows before int8 had none
+    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{row_allocation(row)}{quantized}"
 
 
 def _key(row: dict) -> str:
@@ -68,7 +77,7 @@ def _identity(cfg: ExportConfig) -> dict:
     options (--features, --keep, ...)."""
     has_ratio = cfg.implementation is not None
     return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "centroid_bits": cfg.centroid_bits,
-            "options": cfg.row_options()}
+            "quantize": cfg.quantize, "options": cfg.row_options()}
 
 
 def _load_rows(path: Path, config: dict) -> list[dict]:
@@ -76,9 +85,10 @@ def _load_rows(path: Path, config: dict) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        earlier = upgrade(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, ValueError):
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError:
         return []  # a damaged results file is rebuilt
+    earlier = upgrade(earlier)  # a newer schema is refused, never overwritten
     previous, current = earlier["config"].get("export", {}), config["export"]
     defaults = asdict(ExportConfig(method=registry.baseline().name))  # for settings added since
     teacherless = not previous.get("distill", True) and not current.get("distill", True)
@@ -121,20 +131,22 @@ def _variants(cfg: ExportConfig) -> list[ExportConfig]:
     that needs no training of its own (first: int8 centroids), in that storage too. Storage fine-tuned
     with its rounding is a model, and a file, of its own."""
     impl = cfg.implementation
-    if impl is None or cfg.centroid_bits is not None:
+    if impl is None or cfg.centroid_bits is not None or cfg.quantize:
         return [cfg]
     return [cfg] + [replace(cfg, centroid_bits=bits) for bits in impl.sweep_bits]
 
 
 def _plan(cfg: SweepConfig) -> list[ExportConfig]:
-    """The baseline, every method at every ratio, then the narrower storages trained on their own."""
+    """The baseline, every method at every ratio, then the narrower storages trained on their own, then
+    each of those models quantized (the baseline fine-tuned for it like the others)."""
     def export(method: str, **changes) -> ExportConfig:
         return replace(cfg.export, method=method, options=cfg.options.get(method), **changes)
 
-    return ([export(registry.baseline().name, finetune_epochs=0)]
-            + [export(m, ratio=r) for m in cfg.methods for r in cfg.ratios]
+    models = [export(m, ratio=r) for m in cfg.methods for r in cfg.ratios]
+    return ([export(registry.baseline().name, finetune_epochs=0)] + models
             + [export(m, ratio=r, centroid_bits=b) for b in cfg.trained_bits for m in cfg.methods
-               if b in _implementation(m).trained_bits for r in cfg.ratios])
+               if b in _implementation(m).trained_bits for r in cfg.ratios]
+            + [replace(c, quantize=q) for q in cfg.quantize for c in [export(registry.baseline().name)] + models])
 
 
 def _file_peers(methods: tuple[str, ...]) -> list[registry.Method]:
@@ -180,7 +192,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         if not pending:
             log(f"{_slot(_identity(export_cfg))}: already done, skipped")
             continue
-        log(f"== {export_cfg.spec.display if export_cfg.spec.is_baseline else export_cfg.tag()}")
+        log(f"== {export_cfg.spec.display if export_cfg.spec.is_baseline and not export_cfg.quantize else export_cfg.tag()}")
         compressed = compress_and_tune(export_cfg, ckpt, source, data, log)
         for variant in pending:
             path = out / "models" / f"{variant.tag()}.onnx"
@@ -192,8 +204,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             continue
         log(f"== peer: {peer.summary}")
         path = out / "models" / f"{peer.name}.onnx"
-        add(path, peer.implementation().from_file(baseline_row(rows)["file"], path), identity)
-    rows.sort(key=lambda r: (not method_of(r).is_baseline, r["method"], r["ratio"], r.get("centroid_bits") or 0))
+        add(path, peer.implementation().from_file(baseline_row(rows)["file"], path, peer.name), identity)
+    rows.sort(key=lambda r: (not method_of(r).is_baseline, r["method"], r["ratio"], r.get("centroid_bits") or 0,
+                             r.get("quantize") or ""))
     log("benchmarking all models, interleaved with the baseline")
     latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
     where = machine()
@@ -219,7 +232,8 @@ def _results(cfg: SweepConfig, rows: list[dict]) -> dict:
 def _config_record(cfg: SweepConfig) -> dict:
     """The settings every row shares. Not the methods, ratios and method options: a sweep run again
     into the same folder with others adds rows, and the rows say what they are."""
-    record = {k: v for k, v in asdict(cfg).items() if k not in ("methods", "ratios", "trained_bits", "out", "options")}
+    record = {k: v for k, v in asdict(cfg).items()
+              if k not in ("methods", "ratios", "trained_bits", "quantize", "out", "options")}
     record["export"] = {k: v for k, v in record["export"].items()
-                        if k not in ("out", "method", "ratio", "centroid_bits", "options", "stage_accuracy")}
+                        if k not in ("out", "method", "ratio", "centroid_bits", "quantize", "options", "stage_accuracy")}
     return record

@@ -21,28 +21,28 @@ from .data import CIFAR10_MEAN, CIFAR10_STD, Split, batches
 from .distributed import data_parallel, sum_over_processes
 from .errors import ConfigError
 from .models import bn_affine, set_bn_affine
-from .settings import DISTILL_TEMPERATURE
+from . import settings
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.1  # peak learning rate
-    weight_decay: float = 5e-4
+    epochs: int = settings.TRAIN_EPOCHS
+    batch_size: int = settings.TRAIN_BATCH_SIZE
+    lr: float = settings.TRAIN_LR  # peak learning rate
+    weight_decay: float = settings.WEIGHT_DECAY
     momentum: float = 0.9
-    schedule: str = "onecycle"  # or "cosine"
+    schedule: str = settings.SCHEDULES[0]  # onecycle or cosine
     label_smoothing: float = 0.0
-    seed: int = 0
-    distill_temperature: float = DISTILL_TEMPERATURE  # used only when a teacher is given
+    seed: int = settings.SEED
+    distill_temperature: float = settings.DISTILL_TEMPERATURE  # used only when a teacher is given
     distill_weight: float = 0.9  # share of the loss that follows the teacher
     # With a teacher of the same block layout: weight of the residual blocks' outputs matched to the
     # teacher's (relative squared error, averaged over blocks), added to the logit distillation.
     feature_distill_weight: float = 0.0
 
     def __post_init__(self):
-        if self.schedule not in ("onecycle", "cosine"):
-            raise ConfigError(f"schedule must be onecycle or cosine, got {self.schedule!r}")
+        if self.schedule not in settings.SCHEDULES:
+            raise ConfigError(f"schedule must be {' or '.join(settings.SCHEDULES)}, got {self.schedule!r}")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("epochs must be >= 0, batch size >= 1 and lr > 0")
 
@@ -267,14 +267,14 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
     out = Path(out)
     if out.exists() and not resume and not force:
         raise ToolchainError(f"{out} already exists; pass --resume to continue it or --force to replace it")
-    settings = {"arch": arch, "limit": limit, "init": str(init) if init else None, **asdict(cfg)}
+    run_settings = {"arch": arch, "limit": limit, "init": str(init) if init else None, **asdict(cfg)}
     state = None
     if resume and out.is_file():
         payload = read_payload(out)
         state = payload.get("training_state")
         if state is None:
             raise CheckpointError(f"{out} holds no training state to resume from (finished or not ours)")
-        changed = [k for k, v in state.get("settings", {}).items() if settings.get(k) != v]
+        changed = [k for k, v in state.get("settings", {}).items() if run_settings.get(k) != v]
         if changed:
             raise ToolchainError(f"cannot resume {out} with other settings ({', '.join(changed)}); "
                                  "repeat the original command with --resume")
@@ -303,7 +303,7 @@ def train_checkpoint(arch: str, data, out, cfg: TrainConfig, *, resume: bool = F
                 "test_accuracy": last.test_accuracy}
         ckpt = Checkpoint(model=model, arch=arch, classes=train.classes, meta=meta)
         done = last.epoch >= cfg.epochs
-        save_checkpoint(out, ckpt, None if done else {**training_state, "settings": settings})
+        save_checkpoint(out, ckpt, None if done else {**training_state, "settings": run_settings})
         if done:
             write_training_record(out, meta)
 

@@ -23,7 +23,8 @@ class Implementation:
     stage: str = "pruned"  # name of the accuracy measured right after apply
     shared_weights: bool = False  # the ONNX file keeps the nodes that rebuild shared weights
     # Narrower storage of the exported weights: check_bits(bits) validates, store_bits(model, bits)
-    # converts a copy before export and returns the initializers to write as INT4.
+    # converts the model in place (the pipeline hands it a copy) and returns the initializers to write
+    # as INT4.
     check_bits: Callable | None = None
     store_bits: Callable | None = None
     trained_bits: tuple[int, ...] = ()  # widths fine-tuned with their rounding in the loop ...

@@ -27,7 +27,7 @@ from . import Calibration, Implementation
 @dataclass
 class FirstConfig:
     ratio: float = settings.RATIO
-    seed: int = 0
+    seed: int = settings.SEED
     n_init: int = 4
     # raw: plain K-Means on filters; bn-weighted: each filter's error weighted by its BN scale
     # squared; scaled: cluster filter directions and fold each filter's own scale into its BN

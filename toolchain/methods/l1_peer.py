@@ -27,11 +27,11 @@ from .second import SecondConfig, kept_width
 class L1Config:
     ratio: float = settings.RATIO
     round_to: int = 1  # as method second: the kept widths are the same
-    allocation: str = "uniform"  # the only one: the peer is compared with method second's uniform widths
+    allocation: str = settings.UNIFORM  # the only one: the peer is compared with method second's uniform widths
 
     def __post_init__(self):
         SecondConfig(ratio=self.ratio, round_to=self.round_to)  # the same checks as method second
-        if self.allocation != "uniform":
+        if self.allocation != settings.UNIFORM:
             raise ConfigError("the L1 peer prunes to uniform widths: --allocation is for methods first and second")
 
 

@@ -36,7 +36,7 @@ from . import Calibration, Implementation
 @dataclass
 class SecondConfig:
     ratio: float = settings.RATIO
-    seed: int = 0
+    seed: int = settings.SEED
     n_init: int = 4
     round_to: int = 1  # round each kept width up to a multiple of this (CPU channel blocks)
     # What stands for a cluster in conv1: its centroid (mean of the members), its medoid (the member
