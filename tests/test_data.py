@@ -1,6 +1,4 @@
 import pickle
-import shutil
-import time
 
 import numpy as np
 import pytest
@@ -68,14 +66,50 @@ def test_tiny_image_folder_and_cache_invalidation(tmp_path):
     assert len(load_split(tmp_path, "test")) == 7  # a changed source is decoded again
 
 
-def test_real_image_folder_loads_fast_from_cache(data_root):
-    load_split(data_root, "test")  # fills the cache on first use
-    start = time.perf_counter()
+def test_real_image_folder_is_read_from_the_cache_after_first_use(data_root, test_split, monkeypatch):
+    """The second load decodes no image (how fast that is belongs to benchmarks, not tests)."""
+    from toolchain import data
+    monkeypatch.setattr(data, "_read_image_folder", lambda *a: pytest.fail("decoded again"))
     split = load_split(data_root, "test")
-    assert time.perf_counter() - start < 3.0
+    assert np.array_equal(split.images, test_split.images)
     assert split.images.shape == (10_000, 32, 32, 3)
     assert np.bincount(split.labels).tolist() == [1000] * 10
     assert split.classes[0] == "airplane" and split.classes[-1] == "truck"
+
+
+def test_the_cache_is_this_runs_not_the_users(test_split, cache_folder):
+    from toolchain.data import cache_dir
+    assert cache_dir() == cache_folder and list(cache_folder.glob("cifar10-test-*.npz"))
+
+
+def _outcome(call) -> str:
+    """fail, skip or pass: skips would escape pytest.raises(pytest.fail.Exception) and skip the test itself."""
+    try:
+        call()
+    except pytest.fail.Exception:
+        return "fail"
+    except pytest.skip.Exception:
+        return "skip"
+    return "pass"
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "fail"), ("True", "fail"), ("1", "fail"), ("yes", "fail"),
+                                         ("", "skip"), ("false", "skip"), ("0", "skip")])
+def test_missing_data_fails_under_ci_whatever_the_spelling(tmp_path, monkeypatch, ci, outcome):
+    from conftest import has_cifar10, require
+    monkeypatch.setenv("CI", ci)
+    assert _outcome(lambda: require(tmp_path / "nowhere", "the real CIFAR-10 copy", has_cifar10)) == outcome
+
+
+def test_both_layouts_count_as_the_data(tmp_path):
+    from conftest import has_cifar10
+    pickled = _write_pickled(tmp_path / "pickled")
+    images = _write_image_folder(tmp_path / "images")
+    for root in (pickled.parent, pickled, images):
+        assert has_cifar10(root) and len(load_split(root, "test")) > 0  # what --data accepts
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "img.png").write_bytes(b"x")
+    assert not has_cifar10(tmp_path / "flat")
 
 
 def test_missing_empty_wrong_layout_and_corrupt(tmp_path):

@@ -44,7 +44,7 @@ def test_plain_export_matches_pytorch_at_any_batch_size(tmp_path, random_checkpo
     beside = json.loads(out.with_suffix(".manifest.json").read_text())
     assert beside["model_bytes"] == out.stat().st_size
     assert read_metadata(proto)["params"] == beside["params"] == 269_722
-    assert beside["method"] == "none" and result.max_abs_diff <= 1e-4
+    assert beside["method"] == "none"
 
 
 def test_output_check_failure_writes_nothing(tmp_path):
@@ -81,35 +81,66 @@ def test_real_export_of_the_baseline_keeps_accuracy(tmp_path, baseline_path, dat
     assert row["accuracy"] > 0.85
 
 
-@pytest.mark.parametrize("method", ["first", "second"])
-def test_same_command_same_bytes(tmp_path, baseline_path, data_root, method):
-    """Same settings and seed, fine-tuning included: a byte-identical ONNX file and the same manifest."""
-    results = []
-    for run in ("a", "b"):
-        out = tmp_path / run / f"{method}.onnx"
-        cfg = ExportConfig(method=method, ratio=0.5, checkpoint=str(baseline_path), data=str(data_root),
-                           finetune_epochs=1, train_limit=256, test_limit=200, calibration_images=256,
-                           out=str(out))
-        results.append(run_export(cfg, log=lambda _: None))
-    a, b = results
-    assert set(a.manifest["accuracy"]) == {"reconstructed", "finetuned"}  # no --stage-accuracy
-    # layers refit (first); blocks refit, then the classifier (second)
-    assert len(a.manifest["reconstruction"]) == (19 if method == "first" else 9 + 1)
-    assert a.path.read_bytes() == b.path.read_bytes()
-    assert a.manifest == b.manifest
-    assert set(a.manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "cifar-filter-toolchain"}
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [("first", []), ("first", ["--centroid-bits", "8"]),
+                                             ("first", ["--centroid-bits", "4"]), ("second", ["--round-to", "1"]),
+                                             ("l1", ["--round-to", "1"])], ids=["first", "int8", "int4", "second", "l1"])
+def test_same_command_same_bytes_in_two_processes(tmp_path, baseline_path, data_root, method, options):
+    """The same command (fine-tuning included) run twice, in processes of other hash seeds: a
+    byte-identical ONNX file and manifest."""
+    written = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed / "model.onnx"
+        result = run_cli("export", "--method", method, *options, "--checkpoint", baseline_path, "--data", data_root,
+                         "--finetune-epochs", "1", "--train-limit", "256", "--test-limit", "200", "--out", out,
+                         env={"PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr
+        written.append((out.read_bytes(), out.with_suffix(".manifest.json").read_bytes()))
+    assert written[0] == written[1]
+    assert len(json.loads(written[0][1])["finetune_history"]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["first", "second"])
-def test_no_reconstruct_recalibrates_instead(tmp_path, baseline_path, data_root, method):
-    out = tmp_path / f"{method}.onnx"
-    result = run_cli("export", "--method", method, "--checkpoint", baseline_path, "--data", data_root,
-                     "--no-reconstruct", "--finetune-epochs", "0", "--test-limit", "200", "--stage-accuracy", "--out", out,
-                     "--json", "-")
-    assert result.returncode == 0, result.stderr
-    manifest = json.loads(result.stdout)
-    assert set(manifest["accuracy"]) == {"clustered", "recalibrated"} and "reconstruction" not in manifest
-    assert manifest["config"]["reconstruct"] is False and out.exists()
+def test_no_reconstruct_is_the_plain_recalibration(tmp_path, baseline, baseline_path, data_root, train_split,
+                                                   test_split, method):
+    """--no-reconstruct writes the compressed model with BatchNorm statistics recalibrated, as computed here
+    with the library's own steps, far below what the refit keeps (README: 24.75% against 64.50% for
+    first, 17.81% against 78.30% for second)."""
+    from eval.accuracy import evaluate_onnx
+    from toolchain.methods.first import FirstConfig, apply_first
+    from toolchain.methods.second import SecondConfig, apply_second
+    from toolchain.training import evaluate, recalibrate_bn
+    held_out = test_split.subset(500)
+    accuracy = {}
+    for flags in ([], ["--no-reconstruct"]):
+        out = tmp_path / f"{method}{len(flags)}.onnx"
+        result = run_cli("export", "--method", method, *(["--round-to", "1"] if method == "second" else []), *flags,
+                         "--checkpoint", baseline_path, "--data", data_root, "--finetune-epochs", "0",
+                         "--test-limit", "500", "--out", out)
+        assert result.returncode == 0, result.stderr
+        accuracy[bool(flags)] = evaluate_onnx(out, held_out)["accuracy"]
+    model, _ = (apply_first(baseline.model, FirstConfig(ratio=0.5)) if method == "first" else
+                apply_second(baseline.model, SecondConfig(ratio=0.5, round_to=1)))
+    recalibrate_bn(model, train_split)
+    assert accuracy[True] == pytest.approx(evaluate(model, held_out), abs=0.004)  # 2 of 500 images
+    assert accuracy[False] > accuracy[True] + 0.2
+
+
+def test_an_export_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    save = onnx.save
+
+    def write_half_then_interrupt(proto, path, *args, **kwargs):
+        save(proto, path, *args, **kwargs)
+        with open(path, "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save", write_half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(random_resnet20(), tmp_path / "m.onnx", {"normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}},
+                    torch.randn(2, 3, 32, 32))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])

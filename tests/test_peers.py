@@ -89,6 +89,7 @@ def test_int8_peer_refuses_a_foreign_file_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_before_fine_tuning_method_second_beats_the_l1_peer_on_real_images(baseline, train_split, test_split):
     """Budget 0 of the peer comparison, ratio 0.5: measured on the 10,000 test images with 1,024
     calibration images, salient clusters + the block and classifier refit reached 78.30%, the L1
@@ -108,4 +109,7 @@ def test_before_fine_tuning_method_second_beats_the_l1_peer_on_real_images(basel
     peer, _ = apply_l1(baseline.model, L1Config(ratio=0.5, round_to=1))
     recalibrate_bn(peer, train_split, images=512)
     accuracy["l1"] = evaluate(peer, held_out)
-    assert accuracy["salient"] > accuracy["medoid"] > accuracy["centroid"] > accuracy["l1"] + 0.05, accuracy
+    # Every refit strategy far above the peer; salient, the default, the best within noise (20 of 1,000
+    # images): one run's strict order of the three is not a property of the method.
+    assert min(accuracy["salient"], accuracy["medoid"], accuracy["centroid"]) > accuracy["l1"] + 0.1, accuracy
+    assert accuracy["salient"] >= max(accuracy["medoid"], accuracy["centroid"]) - 0.02, accuracy

@@ -52,10 +52,25 @@ def test_recalibration_can_keep_the_function_and_align_train_mode(train_split):
     assert train_mode_gap() < 0.01
 
 
-def test_interrupted_training_resumes(tmp_path, data_root):
+def _train_command(data_root, out):
+    return [sys.executable, "-m", "toolchain", "train", "--data", str(data_root), "--limit", "512", "--test-limit", "200",
+            "--epochs", "3", "--batch-size", "64", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_root, train_split):
+    """The weights of the training run of _train_command, left to finish."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "ck.pt"
+    done = subprocess.run(_train_command(data_root, out), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return read_payload(out)["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, data_root, uninterrupted, sig):
     out = tmp_path / "ck.pt"
-    cmd = [sys.executable, "-m", "toolchain", "train", "--data", str(data_root), "--limit", "512", "--test-limit", "200",
-           "--epochs", "3", "--batch-size", "64", "--out", str(out)]
+    cmd = _train_command(data_root, out)
     # A background launch (nohup ... &) hands its children an ignored SIGINT, which Python keeps:
     # the run under test gets the default disposition, as in a terminal.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -66,7 +81,7 @@ def test_interrupted_training_resumes(tmp_path, data_root):
     deadline = time.time() + 60
     while not out.exists() and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "--resume" in err
@@ -77,8 +92,10 @@ def test_interrupted_training_resumes(tmp_path, data_root):
     assert f"resuming from {out} after epoch {state['epoch']}" in done.stdout
     payload = read_payload(out)
     assert "training_state" not in payload  # finished: nothing left to resume
-    history = payload["meta"]["training"]["history"]
-    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["epoch"] for r in payload["meta"]["training"]["history"]] == [1, 2, 3]
+    weights = payload["state_dict"]
+    assert weights.keys() == uninterrupted.keys()
+    assert all(torch.equal(weights[k], uninterrupted[k]) for k in weights)  # as if never interrupted
 
 
 def test_warm_start_from_a_checkpoint_records_its_source(tmp_path, data_root, baseline_path):
@@ -92,43 +109,56 @@ def test_warm_start_from_a_checkpoint_records_its_source(tmp_path, data_root, ba
     assert init["sha256"] == sha256_of(baseline_path) and init["training"]["command"].startswith("toolchain train")
 
 
-def test_torchrun_two_processes_match_one(tmp_path, data_root):
-    """DDP on CPU (gloo): 2 processes x batch 64 take the steps 1 process takes with batch 128."""
-    common = ["train", "--data", str(data_root), "--limit", "2048", "--test-limit", "1000", "--epochs", "3",
-              "--lr", "0.05"]
-    single = subprocess.run([sys.executable, "-m", "toolchain", *common, "--batch-size", "128",
-                             "--out", str(tmp_path / "one.pt")], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert single.returncode == 0, single.stderr
+@pytest.mark.slow
+def test_torchrun_averages_the_gradients(tmp_path, data_root, train_split):
+    """DDP on CPU (gloo): 2 processes x batch 64 take the steps 1 process takes with batch 128 (tests/ddp_steps.py),
+    and rank 1 holds the same trained weights as rank 0."""
+    worker = [str(REPO / "tests" / "ddp_steps.py"), str(data_root)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for command, out in (([sys.executable, *worker, "128"], tmp_path / "one"), ([*launch, *worker, "64"], tmp_path / "two")):
+        done = subprocess.run([*command, str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    start, one = torch.load(tmp_path / "one" / "start.pt"), torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    for name, weight in one.items():
+        assert (weight - start[name]).abs().max() > 1e-3  # the steps moved the weights
+        for rank in ranks:
+            torch.testing.assert_close(rank[name], weight, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_and_rank_0_alone_writes(tmp_path, data_root, train_split):
+    """The real command under torchrun: one report, one checkpoint (what the processes compute: test above)."""
+    common = ["train", "--data", str(data_root), "--limit", "512", "--test-limit", "200", "--epochs", "1",
+              "--batch-size", "64"]
     out = tmp_path / "two" / "ck.pt"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "-m", "toolchain"]
-    double = subprocess.run([*launch, *common, "--batch-size", "64", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolchain"]
+    double = subprocess.run([*launch, *common, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stderr
     assert double.stdout.count("done: test accuracy") == 1  # rank 0 alone reports and writes
     assert sorted(p.name for p in out.parent.iterdir()) == ["ck.json", "ck.pt"]
-    one = read_payload(tmp_path / "one.pt")["meta"]["test_accuracy"]
-    two = read_payload(out)["meta"]["test_accuracy"]
-    assert one > 0.2 and two > 0.2  # both learned (chance is 0.10)
-    assert abs(one - two) < 0.08, (one, two)
 
 
-def test_torchrun_fine_tunes_an_export(tmp_path, data_root, baseline_path):
-    """export under torchrun: both processes fine-tune their shards, rank 0 alone writes the model."""
+@pytest.mark.slow
+def test_torchrun_fine_tunes_an_export(tmp_path, data_root, baseline_path, test_split):
+    """export under torchrun: both processes fine-tune their shards, rank 0 alone writes the model, which
+    keeps what the refit reached (about 67% of these 500 images at ratio 0.5). A gentle learning rate: at
+    the default 0.01 one epoch of 1,024 images costs 20-30 points, in one process as in two."""
     import json
+    from eval.accuracy import evaluate_onnx
     out = tmp_path / "first.onnx"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolchain",
            "export", "--method", "first", "--ratio", "0.5", "--checkpoint", str(baseline_path),
-           "--data", str(data_root), "--finetune-epochs", "1", "--train-limit", "1024", "--test-limit", "500",
-           "--out", str(out)]
+           "--data", str(data_root), "--finetune-epochs", "1", "--finetune-lr", "0.001", "--train-limit", "1024",
+           "--test-limit", "500", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("epoch 1/1") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.manifest.json", "first.onnx"]
     manifest = json.loads((tmp_path / "first.manifest.json").read_text())
-    assert len(manifest["finetune_history"]) == 1
-    assert manifest["accuracy"]["finetuned"] > 0.15  # the fine-tuned model is sound (chance is 0.10)
+    accuracy = evaluate_onnx(out, test_split.subset(500))["accuracy"]
+    assert accuracy == pytest.approx(manifest["accuracy"]["finetuned"], abs=0.004)  # ONNX Runtime = rank 0's PyTorch
+    assert accuracy >= manifest["accuracy"]["reconstructed"] - 0.02, manifest["accuracy"]
 
 
 def test_block_outputs_and_feature_loss():

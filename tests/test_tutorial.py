@@ -1,6 +1,7 @@
 """The tutorial notebook runs end to end on the real data; any cell error fails the test."""
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REAL_DATA, REPO
@@ -8,6 +9,7 @@ from conftest import REAL_DATA, REPO
 NOTEBOOK = REPO / "docs" / "tutorial.ipynb"
 
 
+@pytest.mark.slow
 def test_tutorial_notebook_runs(data_root, monkeypatch, tmp_path):
     monkeypatch.setenv("CIFAR10_ROOT", str(REAL_DATA))
     monkeypatch.setenv("TUTORIAL_OUT", str(tmp_path))  # its ONNX files go where pytest cleans up
