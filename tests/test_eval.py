@@ -291,12 +291,12 @@ def test_sweep_killed_mid_row_resumes_and_loses_nothing(tmp_path, baseline_path,
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "run the same command again" in err, err
     before = json.loads((report / "results.json").read_text())["rows"]
-    assert [(r["method"], r["centroid_bits"]) for r in before] == [("baseline", None), ("first", None), ("first", 8)]
+    assert [(r["method"], r["centroid_bits"]) for r in before] == [("none", None), ("first", None), ("first", 8)]
     assert sorted(p.name for p in (report / "models").iterdir()) == sorted(Path(r["file"]).name for r in before)
     again = run_cli(*args)
     assert again.returncode == 0 and again.stdout.count("already done, skipped") == 2, again.stderr
     after = {(r["method"], r["centroid_bits"]): r for r in json.loads((report / "results.json").read_text())["rows"]}
-    assert set(after) == {("baseline", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("second", None)}
+    assert set(after) == {("none", None), ("first", None), ("first", 8), ("int8-dynamic", None), ("second", None)}
     for row in before:  # kept as they were (the benchmark adds its figures)
         assert {k: after[row["method"], row["centroid_bits"]][k] for k in row} == row
 
