@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from export.manifest import file_sizes, read_metadata
+from export.manifest import file_sizes, normalization, read_metadata
 from toolchain.data import Split, batches
 from toolchain.errors import ToolchainError
 
 from .graph_stats import onnx_macs, onnx_params
 from .memory import session_memory
-from .runtime import PROVIDERS, create_session, load_onnx, normalization
+from .runtime import PROVIDERS, create_session, load_onnx
 
 
 def evaluate_onnx(path: str | os.PathLike, split: Split, provider: str = "cpu",

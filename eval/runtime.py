@@ -7,8 +7,6 @@ from pathlib import Path
 
 import onnx
 
-from export.manifest import read_metadata
-from toolchain.data import CIFAR10_MEAN, CIFAR10_STD
 from toolchain.errors import ToolchainError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -36,12 +34,6 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelFileError(f"{path} takes input shape {dims or 'unknown'}, expected [batch, 3, 32, 32] "
                              "(a CIFAR-10 image classifier)")
     return proto
-
-
-def normalization(proto: onnx.ModelProto) -> tuple[tuple, tuple]:
-    """Input mean/std recorded at export; the CIFAR-10 defaults for foreign files."""
-    norm = read_metadata(proto).get("normalization") or {}
-    return tuple(norm.get("mean", CIFAR10_MEAN)), tuple(norm.get("std", CIFAR10_STD))
 
 
 def available_providers() -> list[str]:

@@ -27,7 +27,7 @@ from toolchain.data import CIFAR10_MEAN, CIFAR10_STD, Split, to_tensor
 from toolchain.errors import ToolchainError
 from toolchain.io import atomic_path
 
-from .manifest import read_metadata, set_metadata, write_manifest
+from .manifest import normalization, read_metadata, set_metadata, write_manifest
 from .onnx_export import check_output_path, compact_names
 
 # Operators that only a quantized graph holds: a file with one of them is not quantized again.
@@ -47,8 +47,8 @@ def quantized_ops(proto: onnx.ModelProto) -> list[str]:
 
 def calibration_images(proto: onnx.ModelProto, split: Split, count: int, seed: int) -> np.ndarray:
     """`count` seeded images of `split`, normalised as the file's manifest says (CIFAR-10's otherwise)."""
-    norm = read_metadata(proto).get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
-    return to_tensor(split.subset(count, seed).images, norm["mean"], norm["std"]).numpy()
+    mean, std = normalization(proto)
+    return to_tensor(split.subset(count, seed).images, mean, std).numpy()
 
 
 def _folded(proto: onnx.ModelProto) -> onnx.ModelProto:

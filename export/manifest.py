@@ -50,6 +50,14 @@ def read_metadata(proto: onnx.ModelProto) -> dict:
     return {}
 
 
+def normalization(proto: onnx.ModelProto) -> tuple[tuple, tuple]:
+    """Input mean/std recorded at export; the CIFAR-10 defaults for foreign files."""
+    from toolchain.data import CIFAR10_MEAN, CIFAR10_STD
+
+    norm = read_metadata(proto).get("normalization") or {}
+    return tuple(norm.get("mean", CIFAR10_MEAN)), tuple(norm.get("std", CIFAR10_STD))
+
+
 def manifest_path(model_path: str | os.PathLike) -> Path:
     """`model.onnx` -> `model.manifest.json` (distinct from a checkpoint's training record)."""
     return Path(model_path).with_suffix(".manifest.json")

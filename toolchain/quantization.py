@@ -17,11 +17,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .models import BasicBlock, CifarResNet
+from .models import CifarResNet
 
 QMIN, QMAX = -127, 127  # int8 weights: ONNX Runtime's symmetric range, the largest magnitude at 127
 
