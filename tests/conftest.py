@@ -23,10 +23,11 @@ def _threads():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def cache_folder(tmp_path_factory):
-    """Decoded images go to a folder of this run (CLI subprocesses inherit it), never to the user's
-    cache nor ../shared. The first test that loads a split decodes it (the training split: about 40 s)."""
-    folder = tmp_path_factory.mktemp("toolchain-cache")
+def cache_folder(request):
+    """Decoded images go to the tests' own folder in pytest's cache of this checkout (.pytest_cache;
+    CLI subprocesses inherit it), never to the user's cache nor ../shared. The first run decodes
+    each split (the training split: about 40 s); later runs of the suite read it back."""
+    folder = request.config.cache.mkdir("toolchain-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TOOLCHAIN_CACHE_DIR", str(folder))
         yield folder

@@ -4,7 +4,6 @@ saying what is wrong, and no file left behind."""
 import os
 import re
 
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import run_cli
 
 EVAL_FIELDS = {"model", "provider", "accuracy", "images", "model_bytes", "gzip_bytes", "params", "macs", "seconds"}
@@ -23,6 +25,7 @@ def test_eval_checkpoint_json_on_real_images(baseline_path, data_root):
     assert row["params"] == 269_722 and row["macs"] == 40_551_040
 
 
+@pytest.mark.slow
 def test_export_then_eval_onnx(tmp_path, baseline_path, data_root):
     out = tmp_path / "none.onnx"
     result = run_cli("export", "--method", "none", "--checkpoint", baseline_path, "--out", out)

@@ -67,6 +67,7 @@ def test_output_check_failure_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_real_export_of_the_baseline_keeps_accuracy(tmp_path, baseline_path, data_root):
     from eval.accuracy import evaluate_onnx
     from toolchain.data import load_split
@@ -143,6 +144,7 @@ def test_an_export_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])
 def test_deeper_resnets_go_through_both_methods_and_export(tmp_path, arch):
     from toolchain.methods.first import FirstConfig, apply_first

@@ -37,6 +37,7 @@ def float_baseline(tmp_path_factory, baseline_path):
     return out
 
 
+@pytest.mark.slow
 def test_quantize_command_on_real_images(float_baseline, data_root, test_split, tmp_path):
     from eval.accuracy import evaluate_onnx
     out = tmp_path / "int8.onnx"
@@ -62,6 +63,7 @@ def test_quantize_command_on_real_images(float_baseline, data_root, test_split, 
     assert check.returncode == 0 and "PASS  latency_ms" in check.stdout, check.stderr
 
 
+@pytest.mark.slow
 def test_quantize_refuses_what_it_cannot_quantize(float_baseline, data_root, tmp_path):
     out = tmp_path / "int8.onnx"
     assert run_cli("quantize", float_baseline, "--data", data_root, "--out", out, "--calibration-images", "64").returncode == 0
@@ -102,6 +104,7 @@ def test_the_simulation_is_what_onnx_runtime_runs(baseline, float_baseline, trai
     assert np.abs(as_int8 - runtime).mean() < 0.85 * np.abs(as_float - runtime).mean()
 
 
+@pytest.mark.slow
 def test_export_quantize_int8_fine_tunes_through_the_rounding(baseline_path, data_root, test_split, tmp_path):
     from eval.accuracy import evaluate_onnx
     out = tmp_path / "second_int8.onnx"
@@ -120,6 +123,7 @@ def test_export_quantize_int8_fine_tunes_through_the_rounding(baseline_path, dat
     assert manifest["int8_check"]["top1_agreement_simulated"] >= 0.95 and manifest["config"]["quantize"] == "int8"
 
 
+@pytest.mark.slow
 def test_method_first_keeps_its_shared_filters_in_int8(baseline_path, data_root, tmp_path):
     float_file, int8_file = tmp_path / "first.onnx", tmp_path / "first_int8.onnx"
     result = run_cli("export", "--method", "first", "--ratio", "0.5", "--checkpoint", baseline_path, "--data", data_root,
@@ -149,6 +153,7 @@ def test_quantize_int8_needs_data_and_no_narrower_centroids(baseline_path, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sweep_adds_int8_rows_and_compares_them(baseline_path, data_root, tmp_path):
     report = tmp_path / "report"
     result = run_cli("sweep", "--method", "second", "--ratios", "0.5", "--quantize", "int8", "--data", data_root,

@@ -42,6 +42,7 @@ def test_salient_clusters_keep_the_l1_peers_filters_and_merge_the_dropped_ones(b
         assert not torch.allclose(o.conv2.weight, p.conv2.weight)
 
 
+@pytest.mark.slow
 def test_l1_peer_exports_and_recalibration_recovers_accuracy_on_real_images(baseline_path, data_root, tmp_path):
     from eval.accuracy import evaluate_onnx
     from toolchain.data import load_split
@@ -59,6 +60,7 @@ def test_l1_peer_exports_and_recalibration_recovers_accuracy_on_real_images(base
     assert abs(onnx_eval["accuracy"] - accuracy["recalibrated"]) <= 0.002  # ONNX Runtime = PyTorch
 
 
+@pytest.mark.slow
 def test_int8_peer_is_a_quarter_of_the_bytes_at_the_baselines_accuracy(baseline_path, data_root, tmp_path):
     from eval.accuracy import evaluate_onnx
     from toolchain.data import load_split

@@ -79,6 +79,7 @@ def test_a_registered_method_exports_without_touching_the_pipeline(magnitude, ba
     assert evaluate_onnx(out, test_split.subset(500))["accuracy"] > 0.5  # real images, a working model
 
 
+@pytest.mark.slow
 def test_a_registered_method_is_swept_and_reported(magnitude, baseline_path, data_root, tmp_path):
     from toolchain.pipeline import ExportConfig
     from toolchain.sweep import SweepConfig, run_sweep

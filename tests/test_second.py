@@ -1,4 +1,3 @@
-import copy
 
 import numpy as np
 import onnx
@@ -105,6 +104,7 @@ def test_exported_graph_is_smaller_and_matches(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_refit_keeps_an_unpruned_model_and_fixes_its_classifier():
     """Every filter kept: each refit target is what the block already computes (conv1 on the same
     input, conv2 on the inverse of BN2 of the block output less its shortcut), so the refit must
@@ -120,6 +120,7 @@ def test_refit_keeps_an_unpruned_model_and_fixes_its_classifier():
     torch.testing.assert_close(pruned(x[:8]), original(x[:8]), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_least_squares_helps_on_held_out_real_images(baseline, train_split, test_split):
     pruned, _ = apply_second(baseline.model, SecondConfig(ratio=0.5, n_init=2))
     held_out = to_tensor(test_split.subset(256, seed=1).images)
