@@ -6,7 +6,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from export.manifest import file_sizes, normalization, read_metadata
@@ -49,8 +48,6 @@ def check_classes(model_classes, split: Split, path) -> None:
 
 def evaluate_checkpoint(path: str | os.PathLike, split: Split, batch_size: int = 500,
                         arch: str | None = None) -> dict:
-    import torch
-
     from toolchain.checkpoints import load_checkpoint
     from toolchain.models import count_macs, count_params
     from toolchain.training import evaluate

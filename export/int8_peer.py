@@ -9,7 +9,6 @@ quantized file keeps the source's manifest (with the method and bytes updated), 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import onnx
 
@@ -17,7 +16,7 @@ from toolchain.errors import ToolchainError
 from toolchain.io import atomic_path
 from toolchain.methods import Implementation
 
-from .manifest import read_metadata, set_metadata, write_manifest
+from .manifest import read_manifest, set_metadata, write_manifest
 from .onnx_export import check_output_path
 
 def quantize_int8(source: str | os.PathLike, out: str | os.PathLike, method: str) -> dict:
@@ -25,7 +24,7 @@ def quantize_int8(source: str | os.PathLike, out: str | os.PathLike, method: str
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = check_output_path(out)
-    manifest = read_metadata(onnx.load(str(source), load_external_data=False))
+    manifest = read_manifest(source)
     if not manifest:
         raise ToolchainError(f"{source} was not written by this toolchain (no manifest to keep)")
     with atomic_path(out) as tmp:

@@ -27,7 +27,7 @@ from toolchain.data import CIFAR10_MEAN, CIFAR10_STD, Split, to_tensor
 from toolchain.errors import ToolchainError
 from toolchain.io import atomic_path
 
-from .manifest import normalization, read_metadata, set_metadata, write_manifest
+from .manifest import normalization, read_manifest, set_metadata, write_manifest
 from .onnx_export import check_output_path, compact_names
 
 # Operators that only a quantized graph holds: a file with one of them is not quantized again.
@@ -106,7 +106,7 @@ def quantize_int8(source: str | os.PathLike, out: str | os.PathLike, images: np.
         raise ToolchainError(f"{source} is already quantized (it holds {', '.join(found)}): give a float model")
     if not len(images):
         raise ToolchainError("static quantization needs calibration images; none were given")
-    base = manifest if manifest is not None else read_metadata(proto)
+    base = manifest if manifest is not None else read_manifest(source)
     base = base or {"normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}}
     name = _input_name(proto)
     batches = [{name: images[i:i + batch_size]} for i in range(0, len(images), batch_size)]

@@ -31,10 +31,19 @@ def file_sizes(path: str | os.PathLike) -> dict:
     return {"model_bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
 
 
+# What the file itself carries of the manifest: what a reader of the file alone needs (eval, check,
+# quantize), not the long records (per-layer clustering, refit errors, training history), which at
+# a 60 kB file would be a tenth of it. The sidecar JSON holds everything.
+EMBEDDED_FIELDS = ("method", "ratio", "arch", "classes", "normalization", "source_checkpoint", "params", "macs",
+                   "accuracy", "test_images", "centroid_bits", "quantization", "max_abs_diff", "check_images",
+                   "versions")
+
+
 def set_metadata(proto: onnx.ModelProto, manifest: dict) -> None:
-    """Embed the manifest (and the input normalisation, for other tools) in metadata_props."""
+    """Embed the manifest's short entry (and the input normalisation, for other tools) in metadata_props."""
     del proto.metadata_props[:]
-    entries = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True),
+    short = {key: manifest[key] for key in EMBEDDED_FIELDS if key in manifest}
+    entries = {MANIFEST_KEY: json.dumps(short, sort_keys=True, separators=(",", ":")),
                "normalization_mean": json.dumps(manifest["normalization"]["mean"]),
                "normalization_std": json.dumps(manifest["normalization"]["std"])}
     for key, value in entries.items():
@@ -58,6 +67,14 @@ def normalization(proto: onnx.ModelProto) -> tuple[tuple, tuple]:
     return tuple(norm.get("mean", CIFAR10_MEAN)), tuple(norm.get("std", CIFAR10_STD))
 
 
+def read_manifest(model_path: str | os.PathLike) -> dict:
+    """The whole manifest: the sidecar JSON beside the file where there is one, else the file's entry."""
+    beside = manifest_path(model_path)
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    return read_metadata(onnx.load(str(model_path), load_external_data=False))
+
+
 def manifest_path(model_path: str | os.PathLike) -> Path:
     """`model.onnx` -> `model.manifest.json` (distinct from a checkpoint's training record)."""
     return Path(model_path).with_suffix(".manifest.json")
@@ -65,6 +82,42 @@ def manifest_path(model_path: str | os.PathLike) -> Path:
 
 def write_manifest(model_path: str | os.PathLike, manifest: dict, sized_from=None) -> dict:
     """Write the manifest beside `model_path`, with the bytes of `sized_from` (default: the model)."""
-    full = {**manifest, **file_sizes(sized_from or model_path)}
+    full = {**manifest, **file_sizes(sized_from or model_path),
+            "bytes_by_part": bytes_by_part(onnx.load(str(sized_from or model_path)))}
     write_json(manifest_path(model_path), full)
     return full
+
+
+# The node whose input an initializer ends up in, through the ops that rebuild a weight (Cast, Gather,
+# Mul, Reshape...), names the part of the model it belongs to.
+_PARTS = {"Conv": "conv_weights", "ConvInteger": "conv_weights", "QLinearConv": "conv_weights",
+          "BatchNormalization": "batchnorm", "Gemm": "classifier", "MatMul": "classifier"}
+
+
+def bytes_by_part(proto: onnx.ModelProto) -> dict:
+    """The file's bytes split into conv weights (tables, indices, scales), BatchNorm, classifier,
+    other initializers, the graph (nodes, names, shapes) and the metadata; they add up to the file."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def part(value: str, seen: set) -> str:
+        for node in consumers.get(value, []):
+            if node.op_type in _PARTS:
+                return _PARTS[node.op_type]
+            for out in node.output:
+                if out not in seen:
+                    seen.add(out)
+                    found = part(out, seen)
+                    if found != "other_initializers":
+                        return found
+        return "other_initializers"
+
+    parts = dict.fromkeys(("conv_weights", "batchnorm", "classifier", "other_initializers"), 0)
+    for tensor in proto.graph.initializer:
+        parts[part(tensor.name, set())] += tensor.ByteSize()
+    metadata = sum(prop.ByteSize() for prop in proto.metadata_props)
+    parts["metadata"] = metadata
+    parts["graph"] = proto.ByteSize() - sum(parts.values())
+    return parts

@@ -69,7 +69,8 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
                 tolerance: float = TOLERANCE) -> ExportResult:
     """Export `model` to `out` atomically, check it against PyTorch, embed and write the manifest.
 
-    `keep_structure` keeps BatchNorm nodes and un-folded weight expressions (method first).
+    `keep_structure` keeps BatchNorm nodes and un-folded weight expressions (method first), and
+    gives the initializers short names (the manifest maps them back: `initializers`).
     `int4` names int8 initializers holding 4-bit codes, to be stored as INT4 (see `store_int4`).
     The check runs on the final graph; the manifest goes into the file's metadata_props and
     beside it (`<out stem>.manifest.json`, which adds the file's bytes). Both files appear
@@ -80,15 +81,17 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
         _export_to(model, tmp, keep_structure)
         proto = onnx.load(str(tmp))
         proto.producer_name = "cifar-filter-toolchain"
-        compact_names(proto.graph)
+        names = compact_names(proto.graph, initializers=keep_structure)
         if int4:
-            proto = store_int4(proto, int4)
+            short = {long: short for short, long in names.items()}
+            proto = store_int4(proto, tuple(short.get(name, name) for name in int4))
         onnx.save(proto, str(tmp))
         diff = max_logit_difference(model, tmp, check_inputs)
         if not diff <= tolerance:
             raise ExportCheckError(f"ONNX Runtime's logits differ from PyTorch's by {diff:.2e} "
                                    f"(tolerance {tolerance:.0e}); the export is not written")
-        manifest = {**manifest, "max_abs_diff": diff, "check_images": int(len(check_inputs))}
+        manifest = {**manifest, "max_abs_diff": diff, "check_images": int(len(check_inputs)),
+                    **({"initializers": names} if names else {})}
         set_metadata(proto, manifest)  # metadata only: the checked graph is unchanged
         onnx.save(proto, str(tmp))
         manifest = write_manifest(out, manifest, sized_from=tmp)
@@ -131,13 +134,14 @@ def check_output_path(out: str | os.PathLike) -> Path:
     return out
 
 
-def compact_names(graph: onnx.GraphProto, initializers: bool = False) -> None:
+def compact_names(graph: onnx.GraphProto, initializers: bool = False) -> dict[str, str]:
     """Short names for nodes and intermediate values, no doc strings.
 
     The exporter names every value after its module path ("/layer1/layer1.0/conv1/Conv_output_0");
     in a 60 KB shared-weight file those names are a third of the bytes. Inputs and outputs keep
-    their names, and so do initializers (the weights a reader looks for) unless `initializers`:
-    an int8 file's quantizer adds three per weight (codes, scale, zero point), long names all.
+    their names, and so do initializers unless `initializers` (w0, w1, ...: in a 65 kB codebook
+    file their module paths, written twice, would be 5 kB; an int8 file's quantizer adds three per
+    weight). Returns {short name: old name} of the renamed initializers.
     """
     keep = {v.name for v in graph.input} | {v.name for v in graph.output}
     renamed: dict[str, str] = {}
@@ -146,6 +150,7 @@ def compact_names(graph: onnx.GraphProto, initializers: bool = False) -> None:
             renamed[tensor.name] = tensor.name = f"w{index}"
     else:
         keep |= {t.name for t in graph.initializer}
+    originals = {short: long for long, short in renamed.items()}
     for index, node in enumerate(graph.node):
         node.name = f"n{index}"
         node.doc_string = ""
@@ -155,3 +160,4 @@ def compact_names(graph: onnx.GraphProto, initializers: bool = False) -> None:
             if name and name not in keep:
                 renamed[name] = node.output[i] = f"t{len(renamed)}"
     del graph.value_info[:]
+    return originals

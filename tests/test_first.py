@@ -9,8 +9,9 @@ from onnx import numpy_helper
 
 from toolchain.clustering import allocate_budget, clusters_for, kmeans
 from toolchain.data import to_tensor
-from toolchain.methods.first import (FirstConfig, SharedConv2d, apply_first, centroid_scales, quantize_centroids,
-                                     refit_centroids, shared_convs, train_quantized)
+from toolchain.methods.first import (FirstConfig, apply_first, quantize_centroids, refit_centroids,
+                                     shared_convs, train_quantized)
+from toolchain.methods.shared_tables import centroid_scales
 from toolchain.models import build_model, count_params
 from toolchain.pipeline import ExportConfig, run_export
 from toolchain.training import TrainConfig, evaluate, fit, recalibrate_bn
@@ -103,6 +104,7 @@ def test_refit_keeps_exact_centroids(baseline, train_split):
     assert torch.allclose(clustered(x), expected, atol=1e-2 * expected.abs().max())
 
 
+@pytest.mark.slow
 def test_refit_centroids_beats_recalibration_on_real_images(baseline, train_split, test_split):
     """The data-aware refit lowers every layer's error and, on held-out images, beats plain
     clustering with recalibrated BN statistics by a wide margin (measured: 64.50% against 24.75%)."""
@@ -123,6 +125,7 @@ def test_refit_centroids_beats_recalibration_on_real_images(baseline, train_spli
         assert torch.allclose(conv.centroids.flatten(1).norm(dim=1), rms, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_global_allocation_keeps_the_parameter_budget(model):
     uniform, _ = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="uniform", n_init=1))
     spread, info = apply_first(copy.deepcopy(model), FirstConfig(ratio=0.8, allocation="global", n_init=1))
@@ -130,6 +133,7 @@ def test_global_allocation_keeps_the_parameter_budget(model):
     assert len({r["k"] / r["filters"] for r in info["layers"]}) > 2  # not the same share everywhere
 
 
+@pytest.mark.slow
 def test_global_allocation_ignores_a_layers_scale(model):
     """Per-layer errors are relative: a layer scaled down (BN undoing it) keeps its share."""
     scaled = copy.deepcopy(model)
@@ -161,10 +165,12 @@ def test_onnx_file_holds_centroids_not_full_weights(tmp_path, bits, monkeypatch)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("BatchNormalization") == 19  # BN kept apart: sharing stays visible in the file
     assert ops.count("Gather") >= 19 and "DequantizeLinear" not in ops
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert all(name.startswith("w") and len(name) <= 4 for name in result.manifest["initializers"])
+    named = result.manifest["initializers"]  # short name in the file -> module path
+    inits = {named[t.name]: numpy_helper.to_array(t) for t in proto.graph.initializer}
     conv_weights = [n.input[1] for n in proto.graph.node if n.op_type == "Conv"]
-    assert not any(w in inits for w in conv_weights)  # every conv weight is built by a Gather
-    types = {t.name: t.data_type for t in proto.graph.initializer}
+    assert not any(w in named for w in conv_weights)  # every conv weight is built by a Gather
+    types = {named[t.name]: t.data_type for t in proto.graph.initializer}
     for record in result.manifest["layers"]:
         name = f"{record['layer']}.centroids"
         assert inits[name].shape[0] == record["k"]
@@ -234,6 +240,7 @@ def test_unsupported_centroid_bits_are_a_clear_error(bits):
         ExportConfig(method="first", centroid_bits=bits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [0, 1])
 def test_4bit_export_on_real_images(tmp_path, baseline_path, data_root, epochs):
     """Rounded from the refit on (BN statistics, measurement and fine-tune see the stored weights), the

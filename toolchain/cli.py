@@ -59,6 +59,23 @@ def compression_options(command):
              "filter directions and fold each filter's scale into its BatchNorm.")(command)
 
 
+def kernel_options(command):
+    """Method first at kernel granularity (toolchain.methods.kernels): export only, for now."""
+    command = click.option(
+        "--codebook-scope", type=click.Choice(settings.CODEBOOK_SCOPES),
+        help=f"Method first, --granularity kernel: the convs sharing one codebook: each conv alone, a stage's "
+             f"(the stem with stage 1) or all.  [default: {settings.CODEBOOK_SCOPES[0]}]")(command)
+    command = click.option(
+        "--codebook-size", type=click.IntRange(2, settings.MAX_CODEBOOK),
+        help=f"Method first, --granularity kernel: kernels per codebook (a uint8 index per kernel up to 256).  "
+             f"[default: {settings.CODEBOOK_SIZE}]")(command)
+    return click.option(
+        "--granularity", type=click.Choice(settings.GRANULARITIES), default=settings.GRANULARITIES[0],
+        show_default=True,
+        help="Method first: filter: each conv's filters share centroid filters (--ratio sets how many); kernel: "
+             "every 3x3 kernel is an entry of a codebook (--codebook-size, --codebook-scope; --ratio plays no part).")(command)
+
+
 def _method_configs(methods, **options) -> dict:
     """Each method's own config from the compression options, those it has fields for."""
     return {m: registry.get(m).config(**options) for m in methods}
@@ -164,6 +181,7 @@ def teacher_options(has_no_distill: bool):
 @click.option("--centroid-bits", type=click.Choice([str(b) for b in settings.CENTROID_BITS]),
               help="Method first: store centroids as int8, or as 4-bit codes packed two to a byte "
                    "(fine-tuned with the rounding in the loop).")
+@kernel_options
 @compression_options
 @click.option("--round-to", type=click.IntRange(1),
               help=f"Method {' and '.join(registry.taking('round_to'))}: round kept widths up to a multiple of N "
@@ -181,15 +199,18 @@ def teacher_options(has_no_distill: bool):
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
            distill_temperature, centroid_bits,
-           features, allocation, keep, no_reconstruct, round_to, quantize, seed, train_limit, test_limit, out,
-           stage_accuracy, json_out):
+           features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, round_to, quantize,
+           seed, train_limit, test_limit, out, stage_accuracy, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
 
     _refuse_options_of_other_methods(method)
 
-    options = _method_configs([method], features=features, allocation=allocation, keep=keep)[method]
+    options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
+                              codebook_size=codebook_size, codebook_scope=codebook_scope)[method]
+    if getattr(options, "label", None) and ratio_given():
+        raise ToolchainError(f"--ratio plays no part with --granularity {granularity}: the codebook size sets the bytes")
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,
@@ -201,6 +222,12 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
                             rank=world.rank, world_size=world.size)
     if result is not None:
         emit_json(json_out, result.manifest)
+
+
+def ratio_given() -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source("ratio") is ParameterSource.COMMANDLINE
 
 
 def _refuse_options_of_other_methods(method: str) -> None:

@@ -68,6 +68,8 @@ class ExportConfig:
         self._resolve_options()
         if self.quantize is not None and self.quantize not in settings.QUANTIZE:
             raise ToolchainError(f"--quantize takes {', '.join(settings.QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize and not getattr(self.options, "int8_ready", True):
+            raise ToolchainError(f"--quantize int8 is not available for {self.options.label} yet")
         if self.quantize and self.centroid_bits:
             raise ToolchainError("--quantize int8 rounds every weight itself: not with --centroid-bits")
         if self.centroid_bits is not None:
@@ -137,7 +139,8 @@ class ExportConfig:
         if self.spec.is_baseline:
             return self.method + self._quantized_tag()
         allocation = getattr(self.options, "allocation", settings.UNIFORM)
-        return (f"{self.method}_r{self.ratio:g}" + ("" if allocation == settings.UNIFORM else f"_{allocation}")
+        size = getattr(self.options, "label", None) or f"r{self.ratio:g}"  # a config may name itself otherwise
+        return (f"{self.method}_{size}" + ("" if allocation == settings.UNIFORM else f"_{allocation}")
                 + (f"_int{self.centroid_bits}" if self.centroid_bits else "") + self._quantized_tag())
 
     def _quantized_tag(self) -> str:

@@ -28,6 +28,10 @@ FEATURES = ("scaled", "bn-weighted", "raw")  # the default first
 CENTROID_BITS = (4, 8)
 TRAINED_BITS = 4  # centroids this narrow are fine-tuned with their rounding in the loop
 FIRST_ALLOCATIONS = ("uniform", "global")
+GRANULARITIES = ("filter", "kernel")  # what a centroid is: a whole filter, or one kh x kw kernel
+CODEBOOK_SIZE = 256  # kernel granularity: entries per codebook (a uint8 index per kernel up to 256)
+MAX_CODEBOOK = 32767  # int16 indices beyond 256 entries
+CODEBOOK_SCOPES = ("layer", "stage", "network")  # the convs sharing one codebook; the default first
 
 # Methods second and l1.
 KEEP = ("salient", "medoid", "centroid", "largest")  # the default first

@@ -1,0 +1,175 @@
+"""Method first at kernel granularity: codebooks of 3x3 kernels shared by the convs of a scope."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from conftest import run_cli
+from toolchain.data import to_tensor
+from toolchain.methods.first import FirstConfig, apply_first
+from toolchain.methods.kernels import CodebookConv2d, refit_codebooks, scope_key
+from toolchain.methods.shared_tables import quantize_centroids
+from toolchain.models import build_model
+from toolchain.pipeline import ExportConfig, compress_and_tune, export_compressed, load_data, load_source
+from toolchain.training import TrainConfig, evaluate, fit
+
+
+def kernel_config(size=16, scope="stage", **kw):
+    return FirstConfig(granularity="kernel", codebook_size=size, codebook_scope=scope, n_init=1, **kw)
+
+
+def codebook_convs(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, CodebookConv2d)}
+
+
+def distinct_kernels(convs) -> int:
+    return len(torch.unique(torch.cat([c.weight.detach().flatten(0, 1).flatten(1) for c in convs]), dim=0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("resnet20").eval()
+
+
+@pytest.mark.parametrize("scope, books", [("layer", 19), ("stage", 3), ("network", 1)])
+def test_every_scope_shares_one_codebook_of_at_most_k_kernels(model, scope, books):
+    clustered, info = apply_first(model, kernel_config(16, scope))
+    convs = codebook_convs(clustered)
+    assert len(convs) == 19
+    by_book = {}
+    for name, conv in convs.items():
+        by_book.setdefault(id(conv.codebook), []).append(name)
+        assert {scope_key(n, scope) for n in by_book[id(conv.codebook)]} == {scope_key(name, scope)}
+        assert conv.index.dtype == torch.uint8
+    assert len(by_book) == len(info["codebooks"]) == books
+    for names in by_book.values():
+        assert distinct_kernels([convs[n] for n in names]) <= 16
+    x = torch.randn(2, 3, 32, 32)
+    assert clustered(x).shape == (2, 10) and not torch.equal(clustered(x), model(x))
+
+
+def test_indices_widen_past_256_entries(model):
+    clustered, _ = apply_first(model, kernel_config(300, "network"))
+    assert {c.index.dtype for c in codebook_convs(clustered).values()} == {torch.int16}
+
+
+def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split):
+    clustered, _ = apply_first(model, kernel_config(8, "stage"))
+    before = {n: c.weight.detach().clone() for n, c in codebook_convs(clustered).items()}
+    fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
+    convs = codebook_convs(clustered)
+    assert any(not torch.equal(before[n], c.weight) for n, c in convs.items())  # the codebooks moved
+    for scope in ("layer1", "layer2", "layer3"):
+        assert distinct_kernels([c for n, c in convs.items() if scope_key(n, "stage") == scope]) <= 8
+
+
+def test_int8_codebook_has_one_scale_and_stays_close(model):
+    clustered, _ = apply_first(model, kernel_config(64, "layer"))
+    x = torch.randn(4, 3, 32, 32)
+    before = clustered(x)
+    quantize_centroids(clustered, 8)
+    for conv in codebook_convs(clustered).values():
+        assert conv.codebook.centroids.dtype == torch.int8 and conv.codebook.scale.numel() == 1
+    assert torch.allclose(before, clustered(x), atol=0.05 * before.abs().max().item())
+
+
+@pytest.mark.slow
+def test_refit_fits_the_original_outputs_on_real_images(baseline, train_split, test_split):
+    """The data-aware refit (assignment by output error, entries by least squares) lowers every
+    codebook's error at the BN outputs and recovers accuracy that plain K-Means lost."""
+    clustered, _ = apply_first(baseline.model.eval(), kernel_config(64, "layer"))
+    test = test_split.subset(500)
+    clustered_accuracy = evaluate(clustered, test, mean=baseline.mean, std=baseline.std)
+    images = to_tensor(train_split.subset(256, 0).images, baseline.mean, baseline.std)
+    records = refit_codebooks(clustered, baseline.model, images, rounds=1)
+    assert len(records) == 19
+    assert all(r["relative_error_after"] < r["relative_error_before"] for r in records)
+    refit_accuracy = evaluate(clustered, test, mean=baseline.mean, std=baseline.std)
+    assert refit_accuracy > clustered_accuracy + 0.05, (clustered_accuracy, refit_accuracy)
+
+
+def _export(tmp_path, baseline_path, data_root, name, bits=None, **options):
+    cfg = ExportConfig(method="first", checkpoint=str(baseline_path), data=str(data_root), finetune_epochs=0,
+                       test_limit=500, calibration_images=256, out=str(tmp_path / f"{name}.onnx"),
+                       options=kernel_config(**options), centroid_bits=bits)
+    ckpt, source = load_source(cfg)
+    data = load_data(cfg.data, None, cfg.test_limit, cfg.seed)
+    compressed = compress_and_tune(cfg, ckpt, source, data, log=print)
+    result = export_compressed(compressed, cfg, tmp_path / f"{name}.onnx", log=print)
+    return compressed, result, data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [None, 8])
+def test_onnx_file_holds_codebooks_and_indices_on_real_images(tmp_path, baseline_path, data_root, bits):
+    compressed, result, data = _export(tmp_path, baseline_path, data_root, "k", bits, size=256, scope="stage")
+    out = result.path
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("BatchNormalization") == 19 and ops.count("Gather") == 19
+    named = result.manifest["initializers"]  # short name in the file -> module path
+    inits = {named[t.name]: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert not any(n.input[1] in named for n in proto.graph.node if n.op_type == "Conv")  # no full conv weight
+    books = [name for name in inits if name.endswith("codebook.centroids")]
+    assert len(books) == 3  # one per stage, shared by its convs
+    assert all(inits[b].shape == (256, 9) and inits[b].dtype == (np.int8 if bits else np.float32) for b in books)
+    indices = [a for name, a in inits.items() if name.endswith(".index")]
+    assert len(indices) == 19 and all(a.dtype == np.uint8 for a in indices)
+    assert sum(a.size for a in indices) == sum(c.out_channels * c.in_channels
+                                               for c in codebook_convs(compressed.model).values())
+    # ONNX Runtime folds Cast/Gather/Reshape at load and gives the PyTorch model's logits.
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    x = to_tensor(data.test.subset(16, 0).images, compressed.ckpt.mean, compressed.ckpt.std)
+    got = session.run(None, {"input": x.numpy()})[0]
+    optimized = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert not optimized & {"Gather", "Cast", "BatchNormalization"}
+    model = compressed.model
+    if bits:
+        model = copy.deepcopy(model)
+        quantize_centroids(model, bits)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model.eval()(x).numpy(), atol=1e-4)
+    # the file's accuracy is the one the export measured; its bytes add up by part
+    from eval.accuracy import evaluate_onnx
+    accuracy = result.manifest["accuracy"]["quantized" if bits else "reconstructed"]
+    assert evaluate_onnx(out, data.test)["accuracy"] == pytest.approx(accuracy, abs=0.004)
+    parts = result.manifest["bytes_by_part"]
+    assert sum(parts.values()) == result.manifest["model_bytes"] == out.stat().st_size
+    assert parts["conv_weights"] == sum(t.ByteSize() for t in proto.graph.initializer
+                                        if named[t.name].endswith((".index", ".centroids", ".scale")))
+
+
+@pytest.mark.slow
+def test_kernel_export_is_deterministic(tmp_path, baseline_path, data_root):
+    first = _export(tmp_path, baseline_path, data_root, "a", size=16, scope="network")[1].path
+    second = _export(tmp_path, baseline_path, data_root, "b", size=16, scope="network")[1].path
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("args, start", [
+    (["--codebook-size", "1"], "error: Invalid value for '--codebook-size': 1 is not in the range"),
+    (["--codebook-size", "40000"], "error: Invalid value for '--codebook-size': 40000 is not in the range"),
+    (["--codebook-scope", "block"], "error: Invalid value for '--codebook-scope': 'block' is not one of"),
+    (["--ratio", "0.3"], "error: --ratio plays no part with --granularity kernel"),
+    (["--quantize", "int8"], "error: --quantize int8 is not available for kernel-layer256 yet"),
+])
+def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
+    result = run_cli("export", "--method", "first", "--granularity", "kernel", *args, "--finetune-epochs", "0",
+                     "--out", tmp_path / "k.onnx")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(start), result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_codebook_options_need_kernel_granularity(tmp_path):
+    result = run_cli("export", "--method", "first", "--codebook-size", "64", "--out", tmp_path / "k.onnx")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --codebook-size and --codebook-scope are options of --granularity kernel"

@@ -1,0 +1,263 @@
+"""Method first at kernel granularity: every kh x kw kernel of a conv is an entry of a codebook.
+
+A codebook of K kernels is shared by the convs of its scope: each conv alone (`layer`), the convs
+of a stage (`stage`; the stem counts with stage 1) or every conv (`network`). A conv keeps a fixed
+index per (output, input) channel pair, uint8 for K <= 256, and rebuilds its weight as
+`codebook[index]` reshaped to (out, in, kh, kw); fine-tuning trains the codebook, so kernels of
+one entry stay identical. In ONNX that is Cast + Gather + Reshape over two initializers, which
+ONNX Runtime folds when it loads the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clustering import kmeans
+from ..least_squares import capture, normal_equations, ridge_solve
+from ..models import CifarResNet
+from .convs import bn_after, bn_scale_of, clusterable_convs, conv_inputs, fold_filter_scales, output_scale, set_module
+from .shared_tables import SharedTable
+
+
+class Codebook(SharedTable):
+    """K kernels, each flattened: centroids (K, kh * kw). Stored as codes with one scale for the
+    codebook: a scale per 9-number entry would cost almost as much as the entry's int8 codes."""
+
+    row_scales = False
+
+
+def index_dtype(size: int) -> torch.dtype:
+    return torch.uint8 if size <= 256 else torch.int16
+
+
+class CodebookConv2d(nn.Module):
+    """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook."""
+
+    def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor):
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, attr, getattr(conv, attr))
+        self.codebook = codebook  # the same module in every conv of the scope
+        self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        kernels = self.codebook.table().index_select(0, self.index.int())  # Gather wants int32/int64 indices
+        return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, codebook={len(self.codebook.centroids)}"
+
+
+def scope_key(name: str, scope: str) -> str:
+    """The codebook a conv of this name draws from."""
+    if scope == "layer":
+        return name
+    if scope == "network":
+        return "network"
+    stage = name.split(".")[0]
+    return "layer1" if stage == "conv1" else stage  # the stem's 3 input channels join stage 1
+
+
+def _kernel_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
+    """(kernels, weights) K-Means runs on, as method first's filter features (first._clustering_inputs)
+    but per kernel: scaled divides each filter by its norm (folded into the BN afterwards)."""
+    kernels = conv.weight.detach().flatten(2).numpy().astype(np.float64)  # (out, in, kh * kw)
+    out, cin = kernels.shape[:2]
+    if features == "raw" or bn is None:
+        return kernels.reshape(out * cin, -1), np.ones(out * cin)
+    filter_weight = bn_scale_of(bn) ** 2
+    if features == "scaled":
+        norms = np.sqrt((kernels ** 2).sum((1, 2))).clip(1e-12)
+        kernels = kernels / norms[:, None, None]
+        filter_weight = filter_weight * norms ** 2
+    return kernels.reshape(out * cin, -1), np.repeat(filter_weight + 1e-12, cin)
+
+
+@torch.no_grad()
+def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
+    """Cluster the kernels of every chosen conv of a copy of `model` into codebooks of cfg.codebook_size
+    per cfg.codebook_scope; returns it and a record per codebook."""
+    model = copy.deepcopy(model)
+    scopes = defaultdict(list)
+    for name, conv, bn in clusterable_convs(model, cfg.layers):
+        scopes[scope_key(name, cfg.codebook_scope)].append((name, conv, bn))
+    if not scopes:
+        raise ValueError("no convolution layer to cluster")
+    records = []
+    for key, convs in scopes.items():
+        inputs = [_kernel_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
+        vectors, weights = np.concatenate([v for v, _ in inputs]), np.concatenate([w for _, w in inputs])
+        result = kmeans(vectors, min(cfg.codebook_size, len(vectors)), cfg.seed, cfg.n_init, weights)
+        codebook = Codebook(torch.from_numpy(result.centroids).float())
+        start = 0
+        for name, conv, bn in convs:
+            count = conv.out_channels * conv.in_channels
+            index = result.assignment[start:start + count]
+            start += count
+            if cfg.features == "scaled" and bn is not None:
+                rebuilt = result.centroids[index].reshape(conv.out_channels, -1)
+                fold_filter_scales(conv, bn, rebuilt, np.arange(conv.out_channels))
+            set_module(model, name, CodebookConv2d(conv, codebook, torch.from_numpy(index)))
+        records.append({"codebook": key, "layers": [name for name, _, _ in convs], "kernels": len(vectors),
+                        "k": len(result.centroids), "inertia": result.inertia})
+    return model, {"codebooks": records, "first": {"granularity": "kernel", "codebook_size": cfg.codebook_size,
+                                                   "codebook_scope": cfg.codebook_scope, "features": cfg.features,
+                                                   "n_init": cfg.n_init}}
+
+
+# Beyond this many unknowns (codebook entries x taps) the codebook's least squares keeps only each
+# entry's own block (entries solved apart): the full system of a 4,096-entry codebook would take 10 GB.
+FULL_SOLVE_UNKNOWNS = 4608
+
+
+@dataclass
+class _Layer:
+    """One conv's least squares in its weight W: sum_o a_o^2 ||conv_W(x)_o - t_o||^2, as normal equations."""
+    name: str
+    conv: CodebookConv2d
+    gram: torch.Tensor  # (in * taps)^2, shared by every output channel
+    cross: torch.Tensor  # (in * taps, out)
+    target_norms: torch.Tensor  # (out,) ||t_o||^2
+    weight: torch.Tensor  # (out,) a_o^2: how an output's error reaches the BN output
+
+    def error(self, w: torch.Tensor) -> float:
+        """The weighted squared error of weight w (out, in * taps)."""
+        per_output = ((w @ self.gram) * w).sum(1) - 2 * (w * self.cross.T).sum(1) + self.target_norms
+        return float((self.weight * per_output).sum())
+
+    def best_weight(self, ridge: float) -> torch.Tensor:
+        """The unconstrained least-squares weight (out, in * taps): what the codebook should approximate."""
+        return ridge_solve(self.gram, self.cross, ridge).T
+
+    def channel_grams(self, taps: int) -> torch.Tensor:
+        """(in, taps, taps): the second moments of each input channel's patches."""
+        cin = len(self.gram) // taps
+        g = self.gram.view(cin, taps, cin, taps)
+        return g[torch.arange(cin), :, torch.arange(cin), :]
+
+
+def _rebuilt(entries: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return entries[index].flatten(1)  # (out, in, taps) -> (out, in * taps)
+
+
+def _assign(layer: _Layer, entries: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Each kernel's entry by the error it adds at the conv's output, not in the weight (And the Bit Goes
+    Down, Stock et al. 2020): (w - e)^T S_c (w - e) with S_c its input channel's patch moments."""
+    taps = entries.shape[1]
+    s = layer.channel_grams(taps)  # (in, taps, taps)
+    w = best.view(len(best), -1, taps)  # (out, in, taps)
+    se = torch.einsum("cab,kb->cka", s, entries)  # (in, K, taps)
+    quadratic = (se * entries[None]).sum(2)  # (in, K)
+    cost = quadratic[None] - 2 * torch.einsum("oca,cka->ock", w, se)
+    return cost.argmin(2)
+
+
+def _entry_equations(layer: _Layer, index: torch.Tensor, size: int, taps: int, full: bool):
+    """The layer's normal equations in its codebook's entries: output o's weight is entries[index[o, c]]
+    for every input c, so the terms of all (o, c) drawing from one entry add up, each output's
+    counted a_o^2. Without `full`, only each entry's own block (entries solved apart)."""
+    out, cin = index.shape
+    g = layer.gram.view(cin, taps, cin, taps)
+    tap = torch.arange(taps)
+    positions = index[:, :, None] * taps + tap  # (out, in, taps): where each weight element sits
+    small = torch.zeros(size * taps, dtype=torch.float64)
+    small.index_add_(0, positions.flatten(), (layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None]).flatten())
+    if full:
+        big = torch.zeros(size * taps, size * taps, dtype=torch.float64)
+        block = g.reshape(cin * taps, cin * taps)
+        for o in range(out):  # one output at a time keeps memory at one (in * taps)^2 block
+            r = positions[o].flatten()
+            big.index_put_((r[:, None].expand_as(block), r[None, :].expand_as(block)), layer.weight[o] * block,
+                           accumulate=True)
+        return big, small
+    diagonal = layer.channel_grams(taps)  # (in, taps, taps)
+    blocks = torch.zeros(size, taps, taps, dtype=torch.float64)
+    blocks.index_add_(0, index.flatten(), (layer.weight[:, None, None, None] * diagonal[None]).reshape(-1, taps, taps))
+    return blocks, small
+
+
+def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: torch.Tensor, ridge: float) -> torch.Tensor:
+    size, taps = entries.shape
+    full = size * taps <= FULL_SOLVE_UNKNOWNS
+    big, small = None, None
+    for layer, index in zip(layers, indices):
+        b, s = _entry_equations(layer, index, size, taps, full)
+        big, small = (b, s) if big is None else (big + b, small + s)
+    prior = entries.reshape(-1, 1)  # the ridge pulls toward the entries, so unused ones stay as they are
+    if full:
+        return ridge_solve(big, small[:, None], ridge, prior).view(size, taps)
+    strength = ridge * torch.diagonal(big, dim1=1, dim2=2).mean()
+    lhs = big + strength * torch.eye(taps, dtype=big.dtype)
+    return torch.linalg.solve(lhs, small.view(size, taps) + strength * entries)
+
+
+@torch.no_grad()
+def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: float) -> dict:
+    """Reassign (`rounds` times) and solve the entries of one codebook; sets them and the convs' indices."""
+    entries = book.centroids.detach().double()
+    indices = [layer.conv.index.long().view(layer.conv.out_channels, -1) for layer in layers]
+
+    def error(e, idx):
+        return sum(layer.error(_rebuilt(e, i)) for layer, i in zip(layers, idx))
+
+    norm = sum(float((layer.weight * layer.target_norms).sum()) for layer in layers)
+    before = error(entries, indices)
+    best = [layer.best_weight(ridge) for layer in layers]
+    for _ in range(rounds):
+        indices = [_assign(layer, entries, w) for layer, w in zip(layers, best)]
+        entries = _solve_entries(layers, indices, entries, ridge)
+    entries = _solve_entries(layers, indices, entries, ridge)
+    book.centroids.copy_(entries.float())
+    for layer, index in zip(layers, indices):
+        layer.conv.index.copy_(index.flatten().to(layer.conv.index.dtype))
+    return {"layers": [layer.name for layer in layers], "relative_error_before": before / norm,
+            "relative_error_after": error(entries, indices) / norm,
+            "entries_used": int(torch.cat([i.flatten() for i in indices]).unique().numel())}
+
+
+@torch.no_grad()
+def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Tensor, rounds: int = 3,
+                    ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
+    """Data-aware codebooks, fit to the original convs' outputs at the BN outputs on calibration images.
+
+    A conv's output is linear in its codebook's entries, so given the indices the entries are one
+    least-squares solve over every conv drawing from the codebook; given the entries, each kernel takes
+    the entry that adds the least error at the conv's output (`_assign`). Walked in network order,
+    each conv fed by the model so far, so later convs correct the errors of earlier ones. A codebook
+    shared by several convs has its entries solved again at each of them (the next conv then sees
+    the entries fit so far); at its last conv, `rounds` alternations of assignment and solve, then a
+    last solve. Returns each codebook's relative squared error at the BN outputs before and after.
+    """
+    modules, source = dict(model.named_modules()), dict(original.named_modules())
+    names = [name for name, m in modules.items() if isinstance(m, CodebookConv2d) and m.codebook.scale is None]
+    targets = dict(zip(names, capture(original, [source[name] for name in names], images, "output", batch_size)))
+    last = {id(modules[name].codebook): name for name in targets}
+    pending = defaultdict(list)
+    records = []
+    for name, conv, x in conv_inputs(model, images, batch_size):
+        if name not in targets:
+            continue
+        a = output_scale(bn_after(source, name), conv.out_channels)
+        a_new = output_scale(bn_after(modules, name), conv.out_channels)
+        target = targets.pop(name) * (a / a_new).view(1, -1, 1, 1)  # the original's output, at this conv's
+        gram, cross = normal_equations(conv, x, target)
+        pending[id(conv.codebook)].append(_Layer(name, conv, gram, cross, target.double().pow(2).sum((0, 2, 3)),
+                                                 a_new.double() ** 2))
+        if last[id(conv.codebook)] == name:
+            records.append(_refit_codebook(conv.codebook, pending.pop(id(conv.codebook)), rounds, ridge))
+        else:  # the convs after this one in the scope see its output with the entries fit so far
+            _refit_codebook(conv.codebook, pending[id(conv.codebook)], 0, ridge)
+    if targets:
+        raise ValueError(f"the refit walks a CIFAR ResNet's convs and never reached {', '.join(targets)}")
+    return records
