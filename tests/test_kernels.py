@@ -94,6 +94,30 @@ def test_refit_fits_the_original_outputs_on_real_images(baseline, train_split, t
     assert refit_accuracy > clustered_accuracy + 0.05, (clustered_accuracy, refit_accuracy)
 
 
+def test_kernels_take_the_entry_with_the_least_output_error():
+    """Each kernel's entry minimises (w - e)^T S_c (w - e), S_c its input channel's patch moments: with
+    channels of very different scales that is not the nearest entry by weight distance."""
+    from toolchain.least_squares import normal_equations
+    from toolchain.methods.kernels import _assign, _Layer
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(8, 3, 6, 6) * torch.tensor([0.1, 1.0, 5.0]).view(1, 3, 1, 1)
+    x[:, 2:] += torch.randn(8, 1, 6, 6)  # correlated taps
+    gram, cross = normal_equations(conv, x, conv(x).detach())
+    layer = _Layer("conv", conv, gram, cross, torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    entries = torch.randn(5, 9, dtype=torch.float64)
+    w = conv.weight.detach().double().flatten(1)
+    got = _assign(layer, entries, w)
+    s = layer.channel_grams(9)
+    kernels = w.view(4, 3, 9)
+    for o in range(4):
+        for c in range(3):
+            d = kernels[o, c][None] - entries  # (entries, taps)
+            assert got[o, c] == torch.einsum("ka,ab,kb->k", d, s[c], d).argmin()
+    nearest = torch.cdist(kernels.reshape(-1, 9), entries).argmin(1).view(4, 3)
+    assert not torch.equal(got, nearest)
+
+
 def _export(tmp_path, baseline_path, data_root, name, bits=None, **options):
     cfg = ExportConfig(method="first", checkpoint=str(baseline_path), data=str(data_root), finetune_epochs=0,
                        test_limit=500, calibration_images=256, out=str(tmp_path / f"{name}.onnx"),
