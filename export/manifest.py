@@ -27,7 +27,10 @@ def versions() -> dict:
 
 def file_sizes(path: str | os.PathLike) -> dict:
     """On-disk and gzip-compressed bytes: what a download to an edge device costs."""
-    data = Path(path).read_bytes()
+    return _sizes(Path(path).read_bytes())
+
+
+def _sizes(data: bytes) -> dict:
     return {"model_bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
 
 
@@ -82,8 +85,8 @@ def manifest_path(model_path: str | os.PathLike) -> Path:
 
 def write_manifest(model_path: str | os.PathLike, manifest: dict, sized_from=None) -> dict:
     """Write the manifest beside `model_path`, with the bytes of `sized_from` (default: the model)."""
-    full = {**manifest, **file_sizes(sized_from or model_path),
-            "bytes_by_part": bytes_by_part(onnx.load(str(sized_from or model_path)))}
+    data = Path(sized_from or model_path).read_bytes()
+    full = {**manifest, **_sizes(data), "bytes_by_part": bytes_by_part(onnx.load_from_string(data))}
     write_json(manifest_path(model_path), full)
     return full
 
@@ -117,7 +120,6 @@ def bytes_by_part(proto: onnx.ModelProto) -> dict:
     parts = dict.fromkeys(("conv_weights", "batchnorm", "classifier", "other_initializers"), 0)
     for tensor in proto.graph.initializer:
         parts[part(tensor.name, set())] += tensor.ByteSize()
-    metadata = sum(prop.ByteSize() for prop in proto.metadata_props)
-    parts["metadata"] = metadata
+    parts["metadata"] = sum(prop.ByteSize() for prop in proto.metadata_props)
     parts["graph"] = proto.ByteSize() - sum(parts.values())
     return parts

@@ -81,10 +81,9 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, manifest: dict,
         _export_to(model, tmp, keep_structure)
         proto = onnx.load(str(tmp))
         proto.producer_name = "cifar-filter-toolchain"
-        names = compact_names(proto.graph, initializers=keep_structure)
         if int4:
-            short = {long: short for short, long in names.items()}
-            proto = store_int4(proto, tuple(short.get(name, name) for name in int4))
+            proto = store_int4(proto, int4)
+        names = compact_names(proto.graph, initializers=keep_structure)
         onnx.save(proto, str(tmp))
         diff = max_logit_difference(model, tmp, check_inputs)
         if not diff <= tolerance:

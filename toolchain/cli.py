@@ -209,7 +209,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
                               codebook_size=codebook_size, codebook_scope=codebook_scope)[method]
-    if getattr(options, "label", None) and ratio_given():
+    if getattr(options, "label", None) and _given("ratio"):
         raise ToolchainError(f"--ratio plays no part with --granularity {granularity}: the codebook size sets the bytes")
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
@@ -224,21 +224,19 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
         emit_json(json_out, result.manifest)
 
 
-def ratio_given() -> bool:
+def _given(name: str) -> bool:
+    """Whether the user typed this option (not its default)."""
     from click.core import ParameterSource
 
-    return click.get_current_context().get_parameter_source("ratio") is ParameterSource.COMMANDLINE
+    return click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE
 
 
 def _refuse_options_of_other_methods(method: str) -> None:
     """Options that only some methods take (registry.Method.options): given to another, they would be
     silently ignored."""
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
     for name in registry.method_specific_options():
         takers = registry.taking(name)
-        if method not in takers and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+        if method not in takers and _given(name):
             raise ToolchainError(f"--{name.replace('_', '-')} is an option of method {' and '.join(takers)}, "
                                  f"not of {method}")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..least_squares import batched, block_inputs
+from ..least_squares import batched, block_inputs, capture
 from ..models import CifarResNet, bn_scale, rescale_bn_input
 
 
@@ -61,3 +61,17 @@ def conv_inputs(model: CifarResNet, images: torch.Tensor, batch_size: int):
     for name, block, x in block_inputs(model, images, batch_size):
         yield f"{name}.conv1", block.conv1, x
         yield f"{name}.conv2", block.conv2, batched(block.hidden, x, batch_size)
+
+
+def conv_targets(model: CifarResNet, original: CifarResNet, names: list[str], images: torch.Tensor, batch_size: int):
+    """(name, conv, its input, the original conv's output, a, a_new) for each named conv, in network
+    order (inputs as in `conv_inputs`); a and a_new: how each output channel is scaled by the BN
+    after the conv in the original and in the model, read when the caller gets there."""
+    modules, source = dict(model.named_modules()), dict(original.named_modules())
+    targets = dict(zip(names, capture(original, [source[name] for name in names], images, "output", batch_size)))
+    for name, conv, x in conv_inputs(model, images, batch_size):
+        if name in targets:
+            yield (name, conv, x, targets.pop(name), output_scale(bn_after(source, name), conv.out_channels),
+                   output_scale(bn_after(modules, name), conv.out_channels))
+    if targets:
+        raise ValueError(f"the refit walks a CIFAR ResNet's convs and never reached {', '.join(targets)}")

@@ -19,10 +19,10 @@ from torch import nn
 from .. import settings
 from ..clustering import allocate_budget, clusters_for, error_curve, kmeans
 from ..errors import ConfigError
-from ..least_squares import batched, capture, solve_conv_weight
+from ..least_squares import batched, solve_conv_weight
 from ..models import CifarResNet, rescale_bn_input
 from . import Calibration, Implementation
-from .convs import bn_after, bn_scale_of, clusterable_convs, conv_inputs, fold_filter_scales, output_scale, set_module
+from .convs import bn_after, bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
 from .kernels import CodebookConv2d, apply_kernels, refit_codebooks
 from .shared_tables import SharedTable, check_bits, quantize_centroids, train_quantized
 
@@ -169,14 +169,9 @@ def refit_centroids(model: CifarResNet, original: CifarResNet, images: torch.Ten
     """
     modules, source = dict(model.named_modules()), dict(original.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, SharedConv2d) and m.scale is None]
-    targets = dict(zip(names, capture(original, [source[name] for name in names], images, "output", batch_size)))
     errors = []
-    for name, conv, x in conv_inputs(model, images, batch_size):
-        if name not in targets:
-            continue
-        a = output_scale(bn_after(source, name), conv.out_channels)
-        a_new = output_scale(bn_after(modules, name), conv.out_channels)
-        target = targets.pop(name) * a.view(1, -1, 1, 1)
+    for name, conv, x, output, a, a_new in conv_targets(model, original, names, images, batch_size):
+        target = output * a.view(1, -1, 1, 1)
 
         def error() -> float:
             out = batched(conv, x, batch_size)
@@ -191,8 +186,6 @@ def refit_centroids(model: CifarResNet, original: CifarResNet, images: torch.Ten
         bn = bn_after(modules, name)
         if bn is not None:  # after the error: `error` holds this BN's scale from before
             _rescale_centroids(conv, bn, _member_norms(source[name].weight, conv.assignment, len(conv.centroids)))
-    if targets:
-        raise ValueError(f"the refit walks a CIFAR ResNet's convs and never reached {', '.join(targets)}")
     return errors
 
 

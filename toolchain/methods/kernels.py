@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import kmeans
-from ..least_squares import capture, normal_equations, ridge_solve
+from ..least_squares import normal_equations, ridge_solve
 from ..models import CifarResNet
-from .convs import bn_after, bn_scale_of, clusterable_convs, conv_inputs, fold_filter_scales, output_scale, set_module
+from .convs import bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
 from .shared_tables import SharedTable
 
 
@@ -203,6 +203,13 @@ def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: t
 
 
 @torch.no_grad()
+def _solve_codebook(book: Codebook, layers: list[_Layer], ridge: float) -> None:
+    """The entries of one codebook solved for the convs so far, their indices kept."""
+    indices = [layer.conv.index.long().view(layer.conv.out_channels, -1) for layer in layers]
+    book.centroids.copy_(_solve_entries(layers, indices, book.centroids.detach().double(), ridge).float())
+
+
+@torch.no_grad()
 def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: float) -> dict:
     """Reassign (`rounds` times) and solve the entries of one codebook; sets them and the convs' indices."""
     entries = book.centroids.detach().double()
@@ -239,25 +246,18 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
     the entries fit so far); at its last conv, `rounds` alternations of assignment and solve, then a
     last solve. Returns each codebook's relative squared error at the BN outputs before and after.
     """
-    modules, source = dict(model.named_modules()), dict(original.named_modules())
+    modules = dict(model.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, CodebookConv2d) and m.codebook.scale is None]
-    targets = dict(zip(names, capture(original, [source[name] for name in names], images, "output", batch_size)))
-    last = {id(modules[name].codebook): name for name in targets}
+    last = {id(modules[name].codebook): name for name in names}
     pending = defaultdict(list)
     records = []
-    for name, conv, x in conv_inputs(model, images, batch_size):
-        if name not in targets:
-            continue
-        a = output_scale(bn_after(source, name), conv.out_channels)
-        a_new = output_scale(bn_after(modules, name), conv.out_channels)
-        target = targets.pop(name) * (a / a_new).view(1, -1, 1, 1)  # the original's output, at this conv's
+    for name, conv, x, output, a, a_new in conv_targets(model, original, names, images, batch_size):
+        target = output * (a / a_new).view(1, -1, 1, 1)  # the original's output, at this conv's
         gram, cross = normal_equations(conv, x, target)
         pending[id(conv.codebook)].append(_Layer(name, conv, gram, cross, target.double().pow(2).sum((0, 2, 3)),
                                                  a_new.double() ** 2))
         if last[id(conv.codebook)] == name:
             records.append(_refit_codebook(conv.codebook, pending.pop(id(conv.codebook)), rounds, ridge))
         else:  # the convs after this one in the scope see its output with the entries fit so far
-            _refit_codebook(conv.codebook, pending[id(conv.codebook)], 0, ridge)
-    if targets:
-        raise ValueError(f"the refit walks a CIFAR ResNet's convs and never reached {', '.join(targets)}")
+            _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
     return records
