@@ -11,7 +11,7 @@ ONNX Runtime folds when it loads the file.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..clustering import kmeans
-from ..least_squares import normal_equations, ridge_solve
-from ..models import CifarResNet
-from .convs import bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
+from ..least_squares import batched, normal_equations, ridge_solve
+from ..models import CifarResNet, bn_affine, set_bn_affine
+from .convs import bn_after, bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
 from .shared_tables import SharedTable
 
 
@@ -168,19 +168,17 @@ def _entry_equations(layer: _Layer, index: torch.Tensor, size: int, taps: int, f
     for every input c, so the terms of all (o, c) drawing from one entry add up, each output's
     counted a_o^2. Without `full`, only each entry's own block (entries solved apart)."""
     out, cin = index.shape
-    g = layer.gram.view(cin, taps, cin, taps)
     tap = torch.arange(taps)
     positions = index[:, :, None] * taps + tap  # (out, in, taps): where each weight element sits
     small = torch.zeros(size * taps, dtype=torch.float64)
     small.index_add_(0, positions.flatten(), (layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None]).flatten())
     if full:
-        big = torch.zeros(size * taps, size * taps, dtype=torch.float64)
-        block = g.reshape(cin * taps, cin * taps)
-        for o in range(out):  # one output at a time keeps memory at one (in * taps)^2 block
-            r = positions[o].flatten()
-            big.index_put_((r[:, None].expand_as(block), r[None, :].expand_as(block)), layer.weight[o] * block,
-                           accumulate=True)
-        return big, small
+        n = size * taps
+        big, block, rows = torch.zeros(n * n, dtype=torch.float64), layer.gram.reshape(-1), positions.reshape(out, -1)
+        for chunk in torch.split(torch.arange(out), 16):  # 16 outputs at a time: 16 (in * taps)^2 blocks in memory
+            r = rows[chunk]
+            big.index_add_(0, (r[:, :, None] * n + r[:, None, :]).flatten(), (layer.weight[chunk, None] * block).flatten())
+        return big.view(n, n), small
     diagonal = layer.channel_grams(taps)  # (in, taps, taps)
     blocks = torch.zeros(size, taps, taps, dtype=torch.float64)
     blocks.index_add_(0, index.flatten(), (layer.weight[:, None, None, None] * diagonal[None]).reshape(-1, taps, taps))
@@ -244,7 +242,8 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
     each conv fed by the model so far, so later convs correct the errors of earlier ones. A codebook
     shared by several convs has its entries solved again at each of them (the next conv then sees
     the entries fit so far); at its last conv, `rounds` alternations of assignment and solve, then a
-    last solve. Returns each codebook's relative squared error at the BN outputs before and after.
+    last solve. Where a codebook is shared, each output channel's gain and offset are fit after
+    (`correct_channels`). Returns each codebook's relative squared error at the BN outputs before and after.
     """
     modules = dict(model.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, CodebookConv2d) and m.codebook.scale is None]
@@ -260,4 +259,38 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
             records.append(_refit_codebook(conv.codebook, pending.pop(id(conv.codebook)), rounds, ridge))
         else:  # the convs after this one in the scope see its output with the entries fit so far
             _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
+    convs_of = Counter(id(modules[name].codebook) for name in names)
+    correct_channels(model, original, [n for n in names if convs_of[id(modules[n].codebook)] > 1], images, batch_size)
     return records
+
+
+@torch.no_grad()
+def correct_channels(model: CifarResNet, original: CifarResNet, names: list[str], images: torch.Tensor,
+                     batch_size: int = 256) -> None:
+    """Per output channel of each named conv, the gain and offset (g y + c) that best fit the original's
+    output, folded into the BN after the conv; in network order, each conv fed by the model so far.
+
+    A codebook shared by several convs was solved while the convs after its first still saw earlier
+    entries, so their outputs drift from what was fit; and no entry can give each output channel its
+    own scale. Both are per-channel affine errors, which the BN absorbs for free (bias correction,
+    and a scale beside it). A codebook of one conv has no drift, and measured no better with the fit."""
+    if not names:
+        return  # (conv_targets would still run both models over the images)
+    modules = dict(model.named_modules())
+    for name, conv, x, output, a, a_new in conv_targets(model, original, names, images, batch_size):
+        bn = bn_after(modules, name)
+        if bn is None:
+            continue
+        y = batched(conv, x, batch_size).double()
+        t = output.double() * (a / a_new).double().view(1, -1, 1, 1)  # the original's output at this conv's BN
+        y_mean, t_mean = y.mean((0, 2, 3)), t.mean((0, 2, 3))
+        y_dev, t_dev = y - y_mean.view(1, -1, 1, 1), t - t_mean.view(1, -1, 1, 1)
+        variance = y_dev.pow(2).mean((0, 2, 3))
+        fitted = (y_dev * t_dev).mean((0, 2, 3)) / variance.clamp_min(1e-30)
+        ok = (variance > 1e-12 * variance.mean().clamp_min(1e-30)) & (fitted.abs() > 1e-6)  # else the BN stays
+        gain = torch.where(ok, fitted, torch.ones_like(fitted))
+        offset = torch.where(ok, t_mean - gain * y_mean, torch.zeros_like(fitted))
+        gain, offset = gain.to(bn.weight.dtype), offset.to(bn.weight.dtype)
+        scale, shift = bn_affine(bn)  # BN now gets g y + c: the statistics move with it
+        set_bn_affine(bn, scale * gain, scale * offset + shift, (bn.running_mean - offset) / gain,
+                      bn.running_var / gain ** 2)
