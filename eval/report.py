@@ -59,11 +59,26 @@ def _stage_widths(row: dict) -> str:
 
 
 def _label(row: dict) -> str:
-    """The series a row belongs to: method, a non-uniform allocation, int8 centroids."""
+    """The series a row belongs to: method, the size its config names (kernel codebooks), a non-uniform
+    allocation, int8 centroids."""
     allocation = row_allocation(row)
-    return (method_of(row).display + ("" if allocation == settings.UNIFORM else f" {allocation}")
+    return (method_of(row).display + (f" {row['label']}" if row.get("label") else "")
+            + ("" if allocation == settings.UNIFORM else f" {allocation}")
             + (f" int{row['centroid_bits']}" if row.get("centroid_bits") else "")
             + (f" q{row['quantize']}" if row.get("quantize") else ""))
+
+
+def _name(row: dict) -> str:
+    """A row in a table: its series and, where it has one, its ratio."""
+    return _label(row) + ("" if row.get("label") else f" r{row['ratio']:g}")
+
+
+def _has_ratio(row: dict) -> bool:
+    return not row.get("label")  # a config that names its own size (kernel codebooks) has no ratio
+
+
+def _ratio(row: dict) -> str:
+    return f"{row['ratio']:g}" if _has_ratio(row) else ""
 
 
 def _series(rows, label):
@@ -76,7 +91,7 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     base = baseline_row(rows)
-    methods = sorted({_label(r) for r in rows if method_of(r).kind == registry.MODEL})
+    methods = sorted({_label(r) for r in rows if method_of(r).kind == registry.MODEL and _has_ratio(r)})
     figures = []
     save = _saver(out, figures)
 
@@ -146,7 +161,7 @@ def _plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
             start = _before_finetuning(r)
             ys = ([start] if start is not None else []) + r["finetune_curve"]
             xs = list(range(len(ys))) if start is not None else list(range(1, len(ys) + 1))
-            ax.plot(xs, [100 * y for y in ys], "-o", label=f"{_label(r)} r={r['ratio']}")
+            ax.plot(xs, [100 * y for y in ys], "-o", label=_name(r))
         baseline_line(ax, 100 * base["accuracy"])
         ax.set(xlabel="fine-tuning epoch (0: before fine-tuning)", ylabel="test accuracy (%)",
                title="Fine-tuning curves")
@@ -183,11 +198,12 @@ def accuracy_after(row: dict, epochs: int):
     return curve[epochs - 1] if len(curve) >= epochs else None
 
 
-def compared(rows: list[dict], compare: str) -> list[tuple[registry.Method, registry.Method]]:
-    """(method, its peer) for every registered method compared with its peer this way ("epochs" or
-    "size") whose rows and peer rows are both in `rows`."""
-    return [(m, registry.get(m.peer)) for m in registry.METHODS
-            if m.compare == compare and rows_of(rows, m) and rows_of(rows, registry.get(m.peer))]
+def compared(rows: list[dict], compare: str) -> list[tuple[registry.Method, list[registry.Method]]]:
+    """(method, its peers with rows here) for every registered method compared with its peers this way
+    ("epochs" or "size") that has rows here and at least one peer with rows."""
+    found = [(m, [p for p in map(registry.get, m.peers) if rows_of(rows, p)])
+             for m in registry.METHODS if m.compare == compare and rows_of(rows, m)]
+    return [(m, peers) for m, peers in found if peers]
 
 
 def epoch_pairs(rows: list[dict], method: registry.Method, peer: registry.Method) -> list[tuple[float, dict, dict]]:
@@ -209,9 +225,9 @@ def allocation_groups(rows: list[dict]) -> list[tuple[registry.Method, float, li
             for (_, ratio), group in sorted(groups.items()) if len(group) > 1]
 
 
-def size_rows(rows: list[dict], method: registry.Method, peer: registry.Method) -> tuple[dict, list[dict]]:
-    """The size peer's row and the method's rows (every storage width)."""
-    return rows_of(rows, peer)[0], rows_of(rows, method)
+def size_rows(rows: list[dict], method: registry.Method, peers: list[registry.Method]) -> tuple[list[dict], list[dict]]:
+    """The size peers' rows and the method's rows (every storage width and size)."""
+    return [r for p in peers for r in rows_of(rows, p)], rows_of(rows, method)
 
 
 def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
@@ -220,7 +236,7 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
     base = baseline_row(rows)
     figures = []
     save = _saver(out, figures)
-    for method, peer in compared(rows, "epochs"):
+    for method, (peer, *_) in compared(rows, "epochs"):  # one structural peer: its widths are the method's
         pairs = epoch_pairs(rows, method, peer)
         if not pairs:
             continue
@@ -235,26 +251,35 @@ def _peer_plots(out: Path, rows: list[dict]) -> list[tuple[str, str]]:
                    title=f"ratio {ratio:g}, widths {_stage_widths(ours)}")
             ax.legend(fontsize=7)
         save(fig, method.peer_plot_file, f"Method {method.name} against {peer.title}")
-    for method, peer in compared(rows, "size"):
-        peer_row, ours = size_rows(rows, method, peer)
+    for method, peers in compared(rows, "size"):
+        theirs, ours = size_rows(rows, method, peers)
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for bits in sorted({r.get("centroid_bits") or 32 for r in ours}, reverse=True):
+        filters = [r for r in ours if _has_ratio(r)]
+        for bits in sorted({r.get("centroid_bits") or 32 for r in filters}, reverse=True):
             bits, label = (None, f"method {method.name}, float {method.storage}") if bits == 32 else \
                 (bits, f"method {method.name}, {bits}-bit {method.storage}")
-            series = sorted((r for r in ours if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
+            series = sorted((r for r in filters if r.get("centroid_bits") == bits), key=lambda r: r["model_bytes"])
             if series:
                 ax.plot([r["model_bytes"] / 1e3 for r in series], [100 * r["accuracy"] for r in series], "-o", label=label)
                 for r in series:
                     ax.annotate(f"r{r['ratio']:g}", (r["model_bytes"] / 1e3, 100 * r["accuracy"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, -10))
-        ax.plot([peer_row["model_bytes"] / 1e3], [100 * peer_row["accuracy"]], "s", color="red",
-                label=f"baseline, {peer.title}")
+        for r in (r for r in ours if not _has_ratio(r)):  # a config of its own size (kernel codebooks): a point each
+            ax.plot([r["model_bytes"] / 1e3], [100 * r["accuracy"]], "D", label=_name(r))
+        for marker, r in zip("s^vP", theirs):
+            ax.plot([r["model_bytes"] / 1e3], [100 * r["accuracy"]], marker, color="red", label=f"peer: {_peer_name(r)}")
         ax.plot([base["model_bytes"] / 1e3], [100 * base["accuracy"]], "*", color="black", ms=12, label="baseline")
         ax.set(xscale="log", xlabel="ONNX file size (kB, log scale)", ylabel="test accuracy (%)",
                title="Accuracy against file size")
         ax.legend(fontsize=7)
-        save(fig, method.peer_plot_file, f"Method {method.name} against {peer.title}")
+        save(fig, method.peer_plot_file, f"Method {method.name} against {', '.join(p.title for p in peers)}")
     return figures
+
+
+def _peer_name(row: dict) -> str:
+    """A size peer's row: its title, and what it was made from (the baseline's file, or its label)."""
+    m = method_of(row)
+    return m.title + (" of the baseline" if m.kind == registry.FILE else f" {row.get('label') or ''}".rstrip())
 
 
 def _epochs_markdown(rows: list[dict], method: registry.Method, peer: registry.Method, plot: str) -> list[str]:
@@ -282,42 +307,50 @@ def _epochs_markdown(rows: list[dict], method: registry.Method, peer: registry.M
     return lines + ["", f"**Who wins:** {verdict}", "", f"![{plot}]({method.peer_plot_file})", ""]
 
 
-def _size_markdown(rows: list[dict], method: registry.Method, peer: registry.Method, plot: str) -> list[str]:
+def _size_markdown(rows: list[dict], method: registry.Method, peers: list[registry.Method], plot: str) -> list[str]:
     base = baseline_row(rows)
-    peer_row, ours = size_rows(rows, method, peer)
-    theirs = f"{peer.short_name} peer"
-    lines = [f"## Method {method.name} against {peer.title}", "", peer.report_note, "",
+    theirs, ours = size_rows(rows, method, peers)
+    lines = [f"## Method {method.name} against {', '.join(p.title for p in peers)}", "",
+             *[p.report_note for p in peers], "",
              "| model | bytes | x base | accuracy | p50 b1 ms | speed-up b256 |", "|---|---|---|---|---|---|"]
-    for r in [peer_row] + sorted(ours, key=lambda r: r["model_bytes"], reverse=True):
-        name = f"baseline, {peer.title}" if r is peer_row else f"{_label(r)} r{r['ratio']:g}"
+    for r in theirs + sorted(ours, key=lambda r: r["model_bytes"], reverse=True):
+        name = f"peer: {_peer_name(r)}" if r in theirs else _name(r)
         lines.append(f"| {name} | {r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
                      f"{_pct(r['accuracy'])} | {r.get('p50_ms_b1', float('nan')):.3f} | "
                      f"{r.get('speedup_b256', float('nan')):.2f} |")
-    wins = [r for r in ours if r["model_bytes"] < peer_row["model_bytes"] and r["accuracy"] >= peer_row["accuracy"]]
-    smaller = [r for r in ours if r["model_bytes"] < peer_row["model_bytes"]]
+    verdicts = [_size_verdict(method, peer_row, ours) for peer_row in theirs]
+    speed = (f"Method {method.name}'s files run at {min(r.get('speedup_b256', float('nan')) for r in ours):.2f}-"
+             f"{max(r.get('speedup_b256', float('nan')) for r in ours):.2f}x the float baseline at batch 256; "
+             + "; ".join(f"{_peer_name(r)} at {r.get('speedup_b256', float('nan')):.2f}x" for r in theirs) + ".")
+    return lines + ["", "**Who wins where:** " + " ".join(verdicts) + " " + speed, "",
+                    f"![{plot}]({method.peer_plot_file})", ""]
+
+
+def _size_verdict(method: registry.Method, peer_row: dict, ours: list[dict]) -> str:
+    """One sentence: where the method beats one peer's file (no more bytes, higher accuracy), or not."""
+    peer = f"{_peer_name(peer_row)} ({peer_row['model_bytes']:,} bytes, {_pct(peer_row['accuracy'])}%)"
+    fits = [r for r in ours if r["model_bytes"] <= peer_row["model_bytes"]]
+    wins = [r for r in fits if r["accuracy"] > peer_row["accuracy"]]
     if wins:
-        verdict = (f"method {method.name} wins at " + ", ".join(f"{_label(r)} r{r['ratio']:g}" for r in wins)
-                   + ": a smaller file at no worse accuracy.")
-    elif smaller:
-        best = max(smaller, key=lambda r: r["accuracy"])
-        verdict = (f"the {theirs} wins on accuracy at its size: every smaller method-{method.name} file is less "
-                   f"accurate (best: {_label(best)} r{best['ratio']:g}, {_pct(best['accuracy'])}% in "
-                   f"{best['model_bytes']:,} bytes against {_pct(peer_row['accuracy'])}% in {peer_row['model_bytes']:,}).")
-    else:
-        verdict = f"the {theirs} wins: no method-{method.name} file here is smaller."
-    speed = (f"The peer's speed-up at batch 256 is {peer_row.get('speedup_b256', float('nan')):.2f}x the float "
-             f"baseline; method {method.name}'s files run at "
-             f"{min(r.get('speedup_b256', float('nan')) for r in ours):.2f}-"
-             f"{max(r.get('speedup_b256', float('nan')) for r in ours):.2f}x.")
-    return lines + ["", f"**Who wins:** {verdict} {speed}", "", f"![{plot}]({method.peer_plot_file})", ""]
+        smallest = min(wins, key=lambda r: r["model_bytes"])
+        return (f"Against {peer}: method {method.name} wins at {', '.join(_name(r) for r in wins)}, higher accuracy "
+                f"in no more bytes (the smallest: {_name(smallest)}, {smallest['model_bytes']:,} bytes, "
+                f"{_pct(smallest['accuracy'])}%).")
+    if fits:
+        best = max(fits, key=lambda r: r["accuracy"])
+        return (f"Against {peer}: the peer wins at its size; every method-{method.name} file as small is less "
+                f"accurate (best: {_name(best)}, {_pct(best['accuracy'])}% in {best['model_bytes']:,} bytes).")
+    return f"Against {peer}: the peer wins; no method-{method.name} file here is as small."
 
 
 def _peer_markdown(rows: list[dict], plots: dict[str, str]) -> str:
     lines = []
-    for compare, render in (("epochs", _epochs_markdown), ("size", _size_markdown)):
-        for method, peer in compared(rows, compare):
-            if method.peer_plot_file in plots:
-                lines += render(rows, method, peer, plots[method.peer_plot_file])
+    for method, (peer, *_) in compared(rows, "epochs"):
+        if method.peer_plot_file in plots:
+            lines += _epochs_markdown(rows, method, peer, plots[method.peer_plot_file])
+    for method, peers in compared(rows, "size"):
+        if method.peer_plot_file in plots:
+            lines += _size_markdown(rows, method, peers, plots[method.peer_plot_file])
     return "\n".join(lines)
 
 
@@ -351,7 +384,8 @@ def _allocation_markdown(rows: list[dict]) -> str:
 def _float_version(rows: list[dict], row: dict) -> dict | None:
     """The float model a quantized row was made from: same method, ratio and options."""
     return next((r for r in rows if not r.get("quantize") and not r.get("centroid_bits") and r["method"] == row["method"]
-                 and r["ratio"] == row["ratio"] and r.get("options") == row.get("options")), None)
+                 and r["ratio"] == row["ratio"] and r.get("label") == row.get("label")
+                 and r.get("options") == row.get("options")), None)
 
 
 def _quantized_markdown(rows: list[dict]) -> str:
@@ -369,7 +403,7 @@ def _quantized_markdown(rows: list[dict]) -> str:
     for r in quantized:
         f = _float_version(rows, r) or {}
         gap = f"{100 * (r['accuracy'] - f['accuracy']):+.2f}" if f else ""
-        lines.append(f"| {_label(r)} r{r['ratio']:g} | {f.get('model_bytes', 0):,} | {r['model_bytes']:,} | "
+        lines.append(f"| {_name(r)} | {f.get('model_bytes', 0):,} | {r['model_bytes']:,} | "
                      f"{_pct(f.get('accuracy'))} | {_pct(r['accuracy'])} | {gap} | "
                      f"{r.get('speedup_b1', float('nan')):.2f} | {r.get('speedup_b256', float('nan')):.2f} |")
     for p in peers:
@@ -379,7 +413,7 @@ def _quantized_markdown(rows: list[dict]) -> str:
     for p in peers:
         beaten = [r for r in quantized if r["model_bytes"] < p["model_bytes"]
                   and (r.get("speedup_b256") or 0) > (p.get("speedup_b256") or 0)]
-        others = [f"{_label(r)} r{r['ratio']:g}" for r in quantized if r not in beaten]
+        others = [_name(r) for r in quantized if r not in beaten]
         lines += ["", f"**Against {method_of(p).title}:** " + (
             "every int8 file is smaller and faster." if not others else
             f"{len(beaten)} of {len(quantized)} int8 files are smaller and faster; not: {', '.join(others)}.")]
@@ -448,7 +482,7 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
         widths = _stage_widths(r)
         ideal = f"{r['ideal_speedup']:.2f}" if r.get("ideal_speedup") else ""
         lines.append(
-            f"| {_label(r)} | {r['ratio']:g} | {_options(r)} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
+            f"| {_label(r)} | {_ratio(r)} | {_options(r)} | {widths} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
             f"{r['model_bytes']:,} | {r['model_bytes'] / base['model_bytes']:.3f} | "
             f"{_pct(r.get('accuracy_clustered', r.get('accuracy_pruned')))} | {_pct(r.get('accuracy_reconstructed'))} | "
             f"{_pct(r.get('accuracy_recalibrated'))} | {_pct(r['accuracy'])} | "
@@ -456,8 +490,10 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
             f"{r.get('speedup_b256', float('nan')):.2f} | {ideal} | {_mb(r.get('session_rss_bytes_b1'))} |")
     notes = [f"Accuracies in %; *compressed*: right after the method ({_stages(rows)}); *final*: the exported ONNX "
              "file under ONNX Runtime, after fine-tuning."]
-    notes += [f"Method {m.name} saves bytes on disk, not RAM: ONNX Runtime materialises the full conv weights when it "
-              "folds the Gather at load." for m in _swept(rows) if m.implementation().shared_weights]
+    shared = [m.name for m in _swept(rows) if m.implementation().shared_weights]
+    if shared:
+        notes.append(f"Method {' and '.join(shared)} save{'s' if len(shared) == 1 else ''} bytes on disk, not RAM: ONNX "
+                     "Runtime materialises the full conv weights when it folds the Gather at load.")
     lines += ["", " ".join(notes), ""]
     for name, title in plots:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

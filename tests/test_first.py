@@ -259,22 +259,32 @@ def test_4bit_export_on_real_images(tmp_path, baseline_path, data_root, epochs):
 
 
 @pytest.mark.parametrize("size", [7, 8])
-def test_int4_storage_round_trips_codes(size):
-    """Every code -8..7 in the ONNX INT4 layout (an odd count gets a padding nibble), read back exact."""
+@pytest.mark.parametrize("dtype, low, kind", [(np.int8, -8, "INT4"), (np.uint8, 0, "UINT4")])
+def test_4bit_storage_round_trips_codes(size, dtype, low, kind):
+    """Every code (-8..7 as INT4, 0..15 as UINT4: weight-clustering indices) in the ONNX 4-bit layout (an
+    odd count gets a padding nibble), read back exact; a code out of range is refused."""
     from onnx import TensorProto, helper
     from export.onnx_export import store_int4
-    codes = np.resize(np.arange(-8, 8, dtype=np.int8), (size, 3))
-    node = helper.make_node("Cast", ["codes"], ["out"], to=TensorProto.FLOAT)
-    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(codes.shape))],
-                              [numpy_helper.from_array(codes, "codes")])
-    proto = store_int4(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ("codes",))
+    codes = np.resize(np.arange(low, low + 16).astype(dtype), (size, 3))
+
+    def model(values):
+        node = helper.make_node("Cast", ["codes"], ["out"], to=TensorProto.FLOAT)
+        graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, list(values.shape))],
+                                  [numpy_helper.from_array(values, "codes")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    proto = store_int4(model(codes), ("codes",))
     stored = proto.graph.initializer[0]
-    assert stored.data_type == TensorProto.INT4 and len(stored.raw_data) == (codes.size + 1) // 2
+    assert stored.data_type == getattr(TensorProto, kind) and len(stored.raw_data) == (codes.size + 1) // 2
     assert proto.ir_version >= 10
     onnx.checker.check_model(proto, full_check=True)
-    assert np.array_equal(numpy_helper.to_array(stored).astype(np.int8), codes)
+    assert np.array_equal(numpy_helper.to_array(stored).astype(dtype), codes)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.array_equal(session.run(None, {})[0], codes.astype(np.float32))
+    beyond = codes.copy()
+    beyond.flat[0] = low + 16  # one code past the 4-bit range
+    with pytest.raises(ValueError, match="does not hold 4-bit codes"):
+        store_int4(model(beyond), ("codes",))
 
 
 def test_the_onnxruntime_floor_runs_int4_files():

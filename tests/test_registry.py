@@ -129,7 +129,7 @@ def test_upgrade_reads_schema_1_as_today():
         upgrade({**new, "schema": SCHEMA + 1})
 
 
-@pytest.mark.parametrize("report", ["report", "report-fd1", "report-t8"])
+@pytest.mark.parametrize("report", ["report", "report-fd1", "report-t8", "report-kernels"])
 def test_committed_reports_are_what_their_results_give(report, tmp_path):
     """The committed report.md is exactly what today's report code writes from its results.json."""
     from eval.report import write_report

@@ -210,7 +210,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
                               codebook_size=codebook_size, codebook_scope=codebook_scope)[method]
     if getattr(options, "label", None) and _given("ratio"):
-        raise ToolchainError(f"--ratio plays no part with --granularity {granularity}: the codebook size sets the bytes")
+        raise ToolchainError(f"--ratio plays no part in {method} {options.label} (its options set its size): leave it out")
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,
@@ -294,6 +294,9 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
+@click.option("--codebooks", metavar="SCOPE:SIZE,...",
+              help="Method first: also sweep kernel codebooks, each one model of its size (no ratio), e.g. "
+                   f"layer:256,stage:256; scopes: {', '.join(settings.CODEBOOK_SCOPES)}.")
 @click.option("--centroid-bits", "extra_bits", type=click.Choice([str(settings.TRAINED_BITS)]), multiple=True,
               help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
                    "in the loop).")
@@ -304,8 +307,8 @@ def _ratio_list(value: str) -> tuple[float, ...]:
               help="Latency repeats.")
 @click.option("--out", type=click.Path(file_okay=False), default=settings.SWEEP_OUT, show_default=True)
 def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr, round_to, distill_features,
-          distill_temperature, features, allocation, keep, no_reconstruct, train_limit, test_limit, extra_bits,
-          quantize, repeats, out):
+          distill_temperature, features, allocation, keep, no_reconstruct, train_limit, test_limit, codebooks,
+          extra_bits, quantize, repeats, out):
     """The whole pipeline over several ratios against the baseline: report.md, results.json/.csv, plots.
 
     Resumable: finished ratios recorded in OUT/results.json are not redone."""
@@ -324,8 +327,10 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
                               reconstruct=not no_reconstruct)
     methods = tuple(dict.fromkeys(methods))
     options = _method_configs(methods, features=features, allocation=allocation, keep=keep)
+    sized = tuple((m, registry.get(m).config(features=features, granularity="kernel", codebook_scope=scope, codebook_size=size))
+                  for scope, size in _codebook_list(codebooks) for m in registry.taking("codebook_size"))
     try:
-        run_sweep(SweepConfig(methods=methods, ratios=ratio_values, out=out, export=export_cfg, options=options,
+        run_sweep(SweepConfig(methods=methods, ratios=ratio_values, out=out, export=export_cfg, options=options, sized=sized,
                               repeats=repeats, trained_bits=tuple(int(b) for b in extra_bits), quantize=quantize),
                   log=click.echo)
     except KeyboardInterrupt:
@@ -333,6 +338,17 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
                    "run the same command again to continue", err=True)
         sys.exit(130)
     click.echo(f"report: {out}/report.md")
+
+
+def _codebook_list(value: str | None) -> list[tuple[str, int]]:
+    """--codebooks layer:256,stage:256 -> [("layer", 256), ("stage", 256)]."""
+    specs = []
+    for spec in (value.split(",") if value else []):
+        scope, _, size = spec.strip().partition(":")
+        if not size.strip().isdigit():
+            raise click.BadParameter(f"{spec.strip()!r} is not SCOPE:SIZE, e.g. layer:256", param_hint="'--codebooks'")
+        specs.append((scope.strip(), int(size)))
+    return specs
 
 
 def _int_list(value: str) -> tuple[int, ...]:

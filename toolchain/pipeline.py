@@ -281,6 +281,8 @@ def compress_and_tune(cfg: ExportConfig, ckpt: Checkpoint, source: Path, data: D
             "BN recalibration or fine-tuning")
     if rounded_from_refit and not (data is not None and cfg.finetune_epochs):
         log(f"{cfg.centroid_bits}-bit weights rounded without fine-tuning: expect them to cost accuracy")
+    if impl is not None and impl.strip:
+        impl.strip(model)
     return Compressed(model, ckpt, source, data, info, accuracy, sim)
 
 
@@ -294,15 +296,15 @@ def export_compressed(c: Compressed, cfg: ExportConfig, out: Path, log=print):
 
     impl = cfg.implementation
     model, info, accuracy, ckpt, data = c.model, dict(c.info), dict(c.accuracy), c.ckpt, c.data
-    int4 = ()
     if cfg.centroid_bits:
         import copy
 
         model = copy.deepcopy(model)
         info["centroid_bits"] = cfg.centroid_bits
-        int4 = impl.store_bits(model, cfg.centroid_bits)
+        impl.store_bits(model, cfg.centroid_bits)
         if data is not None:
             accuracy["quantized"] = evaluate(model, data.test, mean=ckpt.mean, std=ckpt.std)
+    int4 = impl.four_bit(model) if impl is not None and impl.four_bit else ()
     model.eval()
     check = check_inputs(ckpt, data, 256 if c.int8 is not None else 64)
     simulated = None

@@ -30,8 +30,8 @@ class Method:
     module: str | None = None  # defines IMPLEMENTATION; None for the baseline
     # Command-line options that only the methods listing them take (given to another, refused).
     options: tuple[str, ...] = ()
-    peer: str | None = None  # the method a user would pick instead of this one
-    # How the report compares this method with its peer: "epochs" (the same widths, accuracy after
+    peers: tuple[str, ...] = ()  # the methods a user would pick instead of this one
+    # How the report compares this method with its peers: "epochs" (the same widths, accuracy after
     # each fine-tuning budget) or "size" (accuracy against file bytes).
     compare: str | None = None
     title: str | None = None  # in report headings, e.g. "L1-norm pruning"
@@ -77,16 +77,23 @@ METHODS = (
     Method("first", "shared centroid filters: every conv's filters replaced by their clusters' centroids",
            module="toolchain.methods.first",
            options=("centroid_bits", "features", "no_reconstruct", "granularity", "codebook_size", "codebook_scope"),
-           peer="int8-dynamic", compare="size", storage="centroids", peer_plot="peer_size.png"),
+           peers=("int8-dynamic", "weight-clustering"), compare="size", storage="centroids", peer_plot="peer_size.png"),
     Method("second", "smaller residual blocks: each block's first conv keeps one filter per cluster",
            module="toolchain.methods.second", options=("keep", "round_to", "no_reconstruct"),
-           peer="l1", compare="epochs", peer_plot="peer_structural.png"),
+           peers=("l1",), compare="epochs", peer_plot="peer_structural.png"),
     Method("l1", "the peer of second: Torch-Pruning L1-norm pruning to second's widths (peers extra)",
            module="toolchain.methods.l1_peer", options=("round_to",), title="L1-norm pruning", short="L1",
            report_note="The L1 peer (`--method l1`) prunes the same block-conv1 channels to the same widths with "
                        "Torch-Pruning (smallest filter L1 norms go), then gets the same BN recalibration and the very "
                        "same fine-tuning (schedule, epochs, learning rate, distillation)."),
-    Method("int8-dynamic", "the peer of first: ONNX Runtime's int8 weight quantization of the baseline file",
+    Method("weight-clustering", "the peer of first's kernel codebooks: TensorFlow Model Optimization's weight "
+           "clustering, each conv's weights 16 values, a 4-bit index per weight",
+           module="toolchain.methods.weight_clustering", title="weight clustering", short="clustering",
+           report_note="The weight-clustering peer (`--method weight-clustering`) clusters each conv's weights into 16 "
+                       "values as TensorFlow Model Optimization does (shadow weights fine-tuned straight through, "
+                       "each weight re-assigned to its nearest value at every step), stores a 4-bit index per "
+                       "weight, and gets the same BN recalibration and the very same fine-tuning."),
+    Method("int8-dynamic", "a peer of first: ONNX Runtime's int8 weight quantization of the baseline file",
            kind=FILE, module="export.int8_peer", title="int8 weight quantization", short="int8",
            report_note="The size peer is ONNX Runtime's `quantize_dynamic` (int8 weights, activations quantized at "
                        "run time, no fine-tuning) on the baseline ONNX file."),

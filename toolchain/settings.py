@@ -32,6 +32,7 @@ GRANULARITIES = ("filter", "kernel")  # what a centroid is: a whole filter, or o
 CODEBOOK_SIZE = 256  # kernel granularity: entries per codebook (a uint8 index per kernel up to 256)
 MAX_CODEBOOK = 32767  # int16 indices beyond 256 entries
 CODEBOOK_SCOPES = ("layer", "stage", "network")  # the convs sharing one codebook; the default first
+WEIGHT_CLUSTERS = 16  # the weight-clustering peer's values per conv (TFMOT's usual choice: a 4-bit index)
 
 # Methods second and l1.
 KEEP = ("salient", "medoid", "centroid", "largest")  # the default first

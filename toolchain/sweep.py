@@ -28,6 +28,9 @@ class SweepConfig:
     options: dict = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = settings.SWEEP_BATCH_SIZES
     repeats: int = settings.SWEEP_REPEATS
+    # More models, each exported once: (method name, its config), a config that names its own size
+    # (`label`, e.g. method first's kernel codebooks "kernel-layer256"), which the ratios do not vary.
+    sized: tuple[tuple[str, object], ...] = ()
     trained_bits: tuple[int, ...] = ()  # narrower storage fine-tuned with its rounding, each its own model (4)
     quantize: tuple[str, ...] = ()  # "int8": every model (the baseline too) again as static int8, fine-tuned for it
 
@@ -37,6 +40,9 @@ class SweepConfig:
         for name in self.methods:
             if registry.get(name).kind != registry.MODEL:
                 raise ToolchainError(f"a sweep compresses models: {name} is not a method to sweep")
+        for name, options in self.sized:
+            if registry.get(name).kind != registry.MODEL or not getattr(options, "label", None):
+                raise ToolchainError(f"a model of its own size takes a method and a config with a label, got {name}")
         for name, options in self.options.items():
             if name not in self.methods:
                 raise ToolchainError(f"options given for method {name}, which this sweep does not sweep")
@@ -64,7 +70,8 @@ def _slot(row: dict) -> str:
     """Which model a row is for (and so which file it writes): the allocation gives other shapes,
     so rows of two allocations stand side by side; other options replace each other."""
     quantized = f"@{row['quantize']}" if row.get("quantize") else ""  # rows before int8 had none
-    return f"{row['method']}@{row['ratio']}@{row.get('centroid_bits')}@{row_allocation(row)}{quantized}"
+    size = row.get("label") or row["ratio"]  # rows before labels had none
+    return f"{row['method']}@{size}@{row.get('centroid_bits')}@{row_allocation(row)}{quantized}"
 
 
 def _key(row: dict) -> str:
@@ -73,11 +80,12 @@ def _key(row: dict) -> str:
 
 
 def _identity(cfg: ExportConfig) -> dict:
-    """What a row is: method, ratio (0 for the baseline), narrower storage, and the method's own
-    options (--features, --keep, ...)."""
-    has_ratio = cfg.implementation is not None
-    return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "centroid_bits": cfg.centroid_bits,
-            "quantize": cfg.quantize, "options": cfg.row_options()}
+    """What a row is: method, ratio (0 for the baseline and for configs that name their own size, by
+    `label`), narrower storage, and the method's own options (--features, --keep, ...)."""
+    label = getattr(cfg.options, "label", None)
+    has_ratio = cfg.implementation is not None and label is None
+    return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "label": label,
+            "centroid_bits": cfg.centroid_bits, "quantize": cfg.quantize, "options": cfg.row_options()}
 
 
 def _load_rows(path: Path, config: dict) -> list[dict]:
@@ -137,21 +145,27 @@ def _variants(cfg: ExportConfig) -> list[ExportConfig]:
 
 
 def _plan(cfg: SweepConfig) -> list[ExportConfig]:
-    """The baseline, every method at every ratio, then the narrower storages trained on their own, then
-    each of those models quantized (the baseline fine-tuned for it like the others)."""
-    def export(method: str, **changes) -> ExportConfig:
-        return replace(cfg.export, method=method, options=cfg.options.get(method), **changes)
+    """The baseline, every method at every ratio (once, where its config names its own size), the models
+    of their own size, then the narrower storages trained on their own, then each of those models
+    quantized (the baseline fine-tuned for it like the others)."""
+    def export(method: str, options=None, **changes) -> ExportConfig:
+        return replace(cfg.export, method=method, options=options or cfg.options.get(method), **changes)
 
-    models = [export(m, ratio=r) for m in cfg.methods for r in cfg.ratios]
+    def at_ratios(method: str, options=None) -> list[ExportConfig]:
+        once = export(method, options)
+        return [once] if getattr(once.options, "label", None) else [export(method, options, ratio=r) for r in cfg.ratios]
+
+    models = [c for m in cfg.methods for c in at_ratios(m)] + [export(m, o) for m, o in cfg.sized]
     return ([export(registry.baseline().name, finetune_epochs=0)] + models
-            + [export(m, ratio=r, centroid_bits=b) for b in cfg.trained_bits for m in cfg.methods
-               if b in _implementation(m).trained_bits for r in cfg.ratios]
-            + [replace(c, quantize=q) for q in cfg.quantize for c in [export(registry.baseline().name)] + models])
+            + [replace(c, centroid_bits=b) for b in cfg.trained_bits for c in models
+               if b in c.implementation.trained_bits]
+            + [replace(c, quantize=q) for q in cfg.quantize for c in [export(registry.baseline().name)] + models
+               if getattr(c.options, "int8_ready", True)])
 
 
 def _file_peers(methods: tuple[str, ...]) -> list[registry.Method]:
     """Peers made from the baseline's file (no training) of the swept methods: swept beside them."""
-    peers = [registry.get(registry.get(m).peer) for m in methods if registry.get(m).peer]
+    peers = [registry.get(p) for m in methods for p in registry.get(m).peers]
     return list(dict.fromkeys(p for p in peers if p.kind == registry.FILE))
 
 
@@ -199,14 +213,14 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             result = export_compressed(compressed, variant, path, log)
             add(path, result.manifest, _identity(variant))
     for peer in _file_peers(cfg.methods):
-        identity = {"method": peer.name, "ratio": 0.0, "centroid_bits": None, "options": {}}
+        identity = {"method": peer.name, "ratio": 0.0, "label": None, "centroid_bits": None, "options": {}}
         if _key(identity) in done:
             continue
         log(f"== peer: {peer.summary}")
         path = out / "models" / f"{peer.name}.onnx"
         add(path, peer.implementation().from_file(baseline_row(rows)["file"], path, peer.name), identity)
-    rows.sort(key=lambda r: (not method_of(r).is_baseline, r["method"], r["ratio"], r.get("centroid_bits") or 0,
-                             r.get("quantize") or ""))
+    rows.sort(key=lambda r: (not method_of(r).is_baseline, r["method"], r["ratio"], r.get("label") or "",
+                             r.get("centroid_bits") or 0, r.get("quantize") or ""))
     log("benchmarking all models, interleaved with the baseline")
     latency = bench([r["file"] for r in rows], BenchConfig(batch_sizes=cfg.batch_sizes, repeats=cfg.repeats))
     where = machine()
@@ -233,7 +247,7 @@ def _config_record(cfg: SweepConfig) -> dict:
     """The settings every row shares. Not the methods, ratios and method options: a sweep run again
     into the same folder with others adds rows, and the rows say what they are."""
     record = {k: v for k, v in asdict(cfg).items()
-              if k not in ("methods", "ratios", "trained_bits", "quantize", "out", "options")}
+              if k not in ("methods", "ratios", "sized", "trained_bits", "quantize", "out", "options")}
     record["export"] = {k: v for k, v in record["export"].items()
                         if k not in ("out", "method", "ratio", "centroid_bits", "quantize", "options", "stage_accuracy")}
     return record

@@ -23,13 +23,17 @@ class Implementation:
     stage: str = "pruned"  # name of the accuracy measured right after apply
     shared_weights: bool = False  # the ONNX file keeps the nodes that rebuild shared weights
     # Narrower storage of the exported weights: check_bits(bits) validates, store_bits(model, bits)
-    # converts the model in place (the pipeline hands it a copy) and returns the initializers to write
-    # as INT4.
+    # converts the model in place (the pipeline hands it a copy).
     check_bits: Callable | None = None
     store_bits: Callable | None = None
+    # (model) -> names of the initializers holding 4-bit codes (int8 within -8..7 or uint8 within
+    # 0..15), which the file stores two a byte.
+    four_bit: Callable | None = None
     trained_bits: tuple[int, ...] = ()  # widths fine-tuned with their rounding in the loop ...
     round_in_loop: Callable | None = None  # ... by this: (model, bits)
     sweep_bits: tuple[int, ...] = ()  # widths a sweep also exports from the same fine-tuned model
+    # (model) -> None, once trained: drops what only training needs (weight clustering's shadow weights).
+    strip: Callable | None = None
     # File-level peers: (baseline .onnx, out .onnx) -> manifest.
     from_file: Callable | None = None
 

@@ -24,7 +24,7 @@ from ..models import CifarResNet, rescale_bn_input
 from . import Calibration, Implementation
 from .convs import bn_after, bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
 from .kernels import CodebookConv2d, apply_kernels, refit_codebooks
-from .shared_tables import SharedTable, check_bits, quantize_centroids, train_quantized
+from .shared_tables import SharedTable, check_bits, int4_tables, quantize_centroids, train_quantized
 
 
 @dataclass
@@ -220,5 +220,5 @@ def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -
 
 IMPLEMENTATION = Implementation(
     config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation"),
-    stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids,
+    stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids, four_bit=int4_tables,
     trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,))

@@ -96,14 +96,14 @@ def int4_tables(model: nn.Module) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def quantize_centroids(model: nn.Module, bits: int = 8) -> tuple[str, ...]:
+def quantize_centroids(model: nn.Module, bits: int = 8) -> None:
     """Store each centroid as `bits`-bit integer codes with one float scale (symmetric, per centroid).
 
     Codes are int8 tensors here (4-bit ones within -7..7; the ONNX file stores those as INT4),
     rebuilt in the graph by Cast + Mul, which ONNX Runtime constant-folds at load (unlike
     DequantizeLinear, which it keeps for its quantized kernels). 8-bit codes are rounded after a
     float fine-tune; 4-bit codes are fine-tuned with the rounding in the loop (`train_quantized`).
-    Returns the names of the tables the exporter writes as INT4.
+    `int4_tables` names the tables the exporter writes as INT4.
     """
     check_bits(bits)
     for m in shared_tables(model):
@@ -113,4 +113,3 @@ def quantize_centroids(model: nn.Module, bits: int = 8) -> tuple[str, ...]:
         scale = centroid_scales(c, bits, m.row_scales)
         m.centroids = nn.Parameter(_round_codes(c, scale, _levels(bits)).to(torch.int8), requires_grad=False)
         m.scale, m.bits = scale.float(), bits
-    return int4_tables(model)
