@@ -492,7 +492,8 @@ def _markdown(results: dict, plots: list[tuple[str, str]]) -> str:
              "file under ONNX Runtime, after fine-tuning."]
     shared = [m.name for m in _swept(rows) if m.implementation().shared_weights]
     if shared:
-        notes.append(f"Method {' and '.join(shared)} save{'s' if len(shared) == 1 else ''} bytes on disk, not RAM: ONNX "
+        many = len(shared) > 1
+        notes.append(f"Method{'s' if many else ''} {' and '.join(shared)} save{'' if many else 's'} bytes on disk, not RAM: ONNX "
                      "Runtime materialises the full conv weights when it folds the Gather at load.")
     lines += ["", " ".join(notes), ""]
     for name, title in plots:
