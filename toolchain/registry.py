@@ -91,7 +91,8 @@ METHODS = (
            module="toolchain.methods.weight_clustering", title="weight clustering", short="clustering",
            report_note="The weight-clustering peer (`--method weight-clustering`) clusters each conv's weights into 16 "
                        "values as TensorFlow Model Optimization does (shadow weights fine-tuned straight through, "
-                       "each weight re-assigned to its nearest value at every step), stores a 4-bit index per "
+                       "each weight re-assigned to its nearest value at every step, values' gradients averaged), "
+                       "stores a 4-bit index per "
                        "weight, and gets the same BN recalibration and the very same fine-tuning."),
     Method("int8-dynamic", "a peer of first: ONNX Runtime's int8 weight quantization of the baseline file",
            kind=FILE, module="export.int8_peer", title="int8 weight quantization", short="int8",
