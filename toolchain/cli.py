@@ -209,14 +209,14 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
                               codebook_size=codebook_size, codebook_scope=codebook_scope)[method]
-    if getattr(options, "label", None) and _given("ratio"):
-        raise ToolchainError(f"--ratio plays no part in {method} {options.label} (its options set its size): leave it out")
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,
                        centroid_bits=int(centroid_bits) if centroid_bits else None, round_to=round_to, quantize=quantize,
                        seed=seed, train_limit=train_limit, test_limit=test_limit, out=out,
                        reconstruct=not no_reconstruct, stage_accuracy=stage_accuracy, options=options)
+    if cfg.label and _given("ratio"):
+        raise ToolchainError(f"--ratio plays no part in {method} {cfg.label} (its options set its size): leave it out")
     with torchrun_world() as world:  # one process, or one of N fine-tuning under torchrun
         result = run_export(cfg, log=lambda line: click.echo(line, err=json_out == "-"),
                             rank=world.rank, world_size=world.size)

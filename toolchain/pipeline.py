@@ -129,6 +129,12 @@ class ExportConfig:
         if not self.distill_temperature > 0:
             raise ToolchainError(temperature_error)
 
+    @property
+    def label(self) -> str | None:
+        """What names the model in place of its ratio, where the method's config sets its size itself
+        (kernel codebooks: kernel-layer256; weight clustering: c16); None where the ratio does."""
+        return getattr(self.options, "label", None)
+
     def row_options(self) -> dict:
         """The options a user chose for the method (--features, --keep, --allocation), as result rows record them."""
         impl = self.implementation
@@ -139,7 +145,7 @@ class ExportConfig:
         if self.spec.is_baseline:
             return self.method + self._quantized_tag()
         allocation = getattr(self.options, "allocation", settings.UNIFORM)
-        size = getattr(self.options, "label", None) or f"r{self.ratio:g}"  # a config may name itself otherwise
+        size = self.label or f"r{self.ratio:g}"
         return (f"{self.method}_{size}" + ("" if allocation == settings.UNIFORM else f"_{allocation}")
                 + (f"_int{self.centroid_bits}" if self.centroid_bits else "") + self._quantized_tag())
 

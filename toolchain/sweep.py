@@ -82,9 +82,8 @@ def _key(row: dict) -> str:
 def _identity(cfg: ExportConfig) -> dict:
     """What a row is: method, ratio (0 for the baseline and for configs that name their own size, by
     `label`), narrower storage, and the method's own options (--features, --keep, ...)."""
-    label = getattr(cfg.options, "label", None)
-    has_ratio = cfg.implementation is not None and label is None
-    return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "label": label,
+    has_ratio = cfg.implementation is not None and cfg.label is None
+    return {"method": cfg.method, "ratio": cfg.ratio if has_ratio else 0.0, "label": cfg.label,
             "centroid_bits": cfg.centroid_bits, "quantize": cfg.quantize, "options": cfg.row_options()}
 
 
@@ -151,9 +150,9 @@ def _plan(cfg: SweepConfig) -> list[ExportConfig]:
     def export(method: str, options=None, **changes) -> ExportConfig:
         return replace(cfg.export, method=method, options=options or cfg.options.get(method), **changes)
 
-    def at_ratios(method: str, options=None) -> list[ExportConfig]:
-        once = export(method, options)
-        return [once] if getattr(once.options, "label", None) else [export(method, options, ratio=r) for r in cfg.ratios]
+    def at_ratios(method: str) -> list[ExportConfig]:
+        once = export(method)
+        return [once] if once.label else [export(method, ratio=r) for r in cfg.ratios]
 
     models = [c for m in cfg.methods for c in at_ratios(m)] + [export(m, o) for m, o in cfg.sized]
     return ([export(registry.baseline().name, finetune_epochs=0)] + models
