@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from conftest import run_cli
 from toolchain.data import to_tensor
 from toolchain.methods.first import FirstConfig, apply_first
-from toolchain.methods.kernels import CodebookConv2d, refit_codebooks, scope_key
+from toolchain.methods.kernels import CodebookConv2d, drop_shadows, refit_codebooks, scope_key
 from toolchain.methods.shared_tables import quantize_centroids
 from toolchain.models import build_model
 from toolchain.pipeline import ExportConfig, compress_and_tune, export_compressed, load_data, load_source
@@ -59,14 +59,45 @@ def test_indices_widen_past_256_entries(model):
     assert {c.index.dtype for c in codebook_convs(clustered).values()} == {torch.int16}
 
 
-def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split):
-    clustered, _ = apply_first(model, kernel_config(8, "stage"))
-    before = {n: c.weight.detach().clone() for n, c in codebook_convs(clustered).items()}
+@pytest.mark.parametrize("reassign", [True, False])
+def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign):
+    clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign))
+    before = {n: (c.weight.detach().clone(), c.index.clone()) for n, c in codebook_convs(clustered).items()}
     fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
     convs = codebook_convs(clustered)
-    assert any(not torch.equal(before[n], c.weight) for n, c in convs.items())  # the codebooks moved
+    assert any(not torch.equal(before[n][0], c.weight) for n, c in convs.items())  # the codebooks moved
+    moved = [not torch.equal(before[n][1], c.index) for n, c in convs.items()]
+    assert any(moved) if reassign else not any(moved)  # kernels changed entries only with reassign
     for scope in ("layer1", "layer2", "layer3"):
         assert distinct_kernels([c for n, c in convs.items() if scope_key(n, "stage") == scope]) <= 8
+
+
+def test_reassigning_kernels_follow_their_shadows_while_training(model):
+    """With reassign, training starts from the kernels as they are, each kernel takes the entry nearest
+    its shadow, the entries' gradient is averaged over their kernels and the shadows' passes straight
+    through; evaluation keeps the last entries, and dropping the shadows keeps the function."""
+    clustered, _ = apply_first(model, kernel_config(16, "layer", reassign=True))
+    conv = codebook_convs(clustered)["layer2.0.conv2"]
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    table = conv.codebook.centroids
+    start = conv.eval()(x).detach()
+    torch.testing.assert_close(conv.train()(x), start)  # the shadows start at the kernels: nothing moves
+    with torch.no_grad():
+        target = int((conv.index[0] + 1) % len(table))
+        conv.shadow[0] = table[target] + 1e-3  # kernel 0 is nearest another entry now
+    kernels = conv.weight.flatten(0, 1).flatten(1)
+    assert conv.index[0] == target and torch.equal(kernels.detach(), table.detach()[conv.index.long()])
+    upstream = torch.randn_like(kernels)
+    kernels.backward(upstream)
+    torch.testing.assert_close(conv.shadow.grad, upstream)  # straight through
+    members = torch.bincount(conv.index.long(), minlength=len(table)).clamp_min(1)
+    summed = torch.zeros_like(table).index_add_(0, conv.index.long(), upstream)
+    torch.testing.assert_close(table.grad, summed / members[:, None])  # averaged over each entry's kernels
+    trained = conv.eval()(x).detach()
+    assert conv.index[0] == target and not torch.allclose(trained, start)  # evaluation keeps the last entries
+    drop_shadows(clustered)
+    assert conv.shadow is None and not any("shadow" in n for n, _ in clustered.named_parameters())
+    torch.testing.assert_close(conv.train()(x), trained)  # without shadows the entries stay fixed
 
 
 def test_int8_codebook_has_one_scale_and_stays_close(model):
@@ -92,6 +123,9 @@ def test_refit_fits_the_original_outputs_on_real_images(baseline, train_split, t
     assert all(r["relative_error_after"] < r["relative_error_before"] for r in records)
     refit_accuracy = evaluate(clustered, test, mean=baseline.mean, std=baseline.std)
     assert refit_accuracy > clustered_accuracy + 0.05, (clustered_accuracy, refit_accuracy)
+    for conv in codebook_convs(clustered).values():  # the fine-tune starts from the refit's kernels
+        refit_weight, refit_index = conv.eval().weight.detach(), conv.index.clone()
+        assert torch.equal(conv.train().weight.detach(), refit_weight) and torch.equal(conv.index, refit_index)
 
 
 def test_channel_correction_undoes_a_gain_per_output_channel(model):
@@ -238,7 +272,14 @@ def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
-def test_codebook_options_need_kernel_granularity(tmp_path):
-    result = run_cli("export", "--method", "first", "--codebook-size", "64", "--out", tmp_path / "k.onnx")
+@pytest.mark.parametrize("args, message", [
+    (["--method", "first", "--codebook-size", "64"],
+     "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
+    (["--method", "first", "--fixed-index"],
+     "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
+    (["--method", "second", "--reassign"], "error: --reassign is an option of method first, not of second"),
+])
+def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
+    result = run_cli("export", *args, "--out", tmp_path / "k.onnx")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --codebook-size and --codebook-scope are options of --granularity kernel"
+    assert result.stderr.strip() == message and not list(tmp_path.iterdir())

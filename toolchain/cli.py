@@ -66,6 +66,11 @@ def kernel_options(command):
         help=f"Method first, --granularity kernel: the convs sharing one codebook: each conv alone, a stage's "
              f"(the stem with stage 1) or all.  [default: {settings.CODEBOOK_SCOPES[0]}]")(command)
     command = click.option(
+        "--reassign/--fixed-index", default=None,
+        help="Method first, --granularity kernel: while fine-tuning, each kernel moves to the codebook entry "
+             "nearest its trained shadow weights; --fixed-index keeps the entry the refit gave it.  "
+             "[default: --reassign]")(command)
+    command = click.option(
         "--codebook-size", type=click.IntRange(2, settings.MAX_CODEBOOK),
         help=f"Method first, --granularity kernel: kernels per codebook (a uint8 index per kernel up to 256).  "
              f"[default: {settings.CODEBOOK_SIZE}]")(command)
@@ -199,8 +204,8 @@ def teacher_options(has_no_distill: bool):
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
            distill_temperature, centroid_bits,
-           features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, round_to, quantize,
-           seed, train_limit, test_limit, out, stage_accuracy, json_out):
+           features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, reassign, round_to,
+           quantize, seed, train_limit, test_limit, out, stage_accuracy, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
@@ -208,7 +213,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
     _refuse_options_of_other_methods(method)
 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
-                              codebook_size=codebook_size, codebook_scope=codebook_scope)[method]
+                              codebook_size=codebook_size, codebook_scope=codebook_scope, reassign=reassign)[method]
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,

@@ -66,8 +66,10 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, prior: to
     """argmin_W ||A W - Y||^2 + ridge * mean(diag(A^T A)) * ||W - prior||^2 from gram = A^T A,
     cross = A^T Y (prior: zero by default)."""
     strength = ridge * gram.diagonal().mean()
-    gram = gram + strength * torch.eye(len(gram), dtype=gram.dtype)
-    return torch.linalg.solve(gram, cross if prior is None else cross + strength * prior)
+    lhs = gram + strength * torch.eye(len(gram), dtype=gram.dtype)
+    rhs = cross if prior is None else cross + strength * prior
+    factor, info = torch.linalg.cholesky_ex(lhs)  # symmetric positive definite: Cholesky is cheaper than LU
+    return torch.cholesky_solve(rhs, factor) if info == 0 else torch.linalg.solve(lhs, rhs)
 
 
 @torch.no_grad()

@@ -29,6 +29,19 @@ def bn_scale_of(bn: nn.BatchNorm2d) -> np.ndarray:
     return bn_scale(bn).detach().numpy().astype(np.float64)
 
 
+def clustering_inputs(filters: np.ndarray, bn: nn.BatchNorm2d | None, features: str):
+    """(vectors, weights) K-Means runs on, from a conv's filters (out, in * kh * kw): the error each
+    filter's approximation adds at the BN output."""
+    if features == "raw" or bn is None:
+        return filters, np.ones(len(filters))
+    if features == "bn-weighted":
+        return filters, bn_scale_of(bn) ** 2 + 1e-12
+    # scaled: filter i becomes s_i * centroid, and s_i moves into the BN after the conv
+    # (a per-channel affine the file keeps anyway), so only directions need to cluster.
+    norms = np.linalg.norm(filters, axis=1, keepdims=True).clip(1e-12)
+    return filters / norms, (bn_scale_of(bn) * norms[:, 0]) ** 2 + 1e-12
+
+
 @torch.no_grad()
 def fold_filter_scales(conv: nn.Conv2d, bn: nn.BatchNorm2d, centroids: np.ndarray, assignment: np.ndarray):
     """Least-squares scale s_i of each filter on its centroid, moved into BN: BN'(z) == BN(s*z).

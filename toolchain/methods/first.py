@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +21,8 @@ from ..errors import ConfigError
 from ..least_squares import batched, solve_conv_weight
 from ..models import CifarResNet, rescale_bn_input
 from . import Calibration, Implementation
-from .convs import bn_after, bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
-from .kernels import CodebookConv2d, apply_kernels, refit_codebooks
+from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
+from .kernels import CodebookConv2d, apply_kernels, drop_shadows, refit_codebooks
 from .shared_tables import SharedTable, check_bits, int4_tables, quantize_centroids, train_quantized
 
 
@@ -44,6 +43,10 @@ class FirstConfig:
     granularity: str = settings.GRANULARITIES[0]
     codebook_size: int | None = None  # kernel granularity only; None: settings.CODEBOOK_SIZE
     codebook_scope: str | None = None  # kernel granularity only; None: settings.CODEBOOK_SCOPES[0]
+    # Kernel granularity: while fine-tuning, each kernel moves to the entry nearest its shadow
+    # weights (kernels.CodebookConv2d); False: every kernel keeps the entry the refit gave it.
+    # None: True at kernel granularity (the more accurate after fine-tuning, docs/methods.md).
+    reassign: bool | None = None
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
@@ -59,8 +62,9 @@ class FirstConfig:
         if self.granularity not in settings.GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(settings.GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity != "kernel":
-            if self.codebook_size is not None or self.codebook_scope is not None:
-                raise ConfigError("--codebook-size and --codebook-scope are options of --granularity kernel")
+            if self.codebook_size is not None or self.codebook_scope is not None or self.reassign is not None:
+                raise ConfigError("--codebook-size, --codebook-scope and --reassign/--fixed-index are options of "
+                                  "--granularity kernel")
             return
         if self.allocation != settings.FIRST_ALLOCATIONS[0]:
             raise ConfigError(f"--allocation {self.allocation} sizes filter clusters; not with --granularity kernel")
@@ -68,6 +72,10 @@ class FirstConfig:
             self.codebook_size = settings.CODEBOOK_SIZE
         if self.codebook_scope is None:
             self.codebook_scope = settings.CODEBOOK_SCOPES[0]
+        if self.reassign is None:
+            self.reassign = True
+        if not isinstance(self.reassign, bool):
+            raise ConfigError(f"reassign is True or False, got {self.reassign!r}")
         if isinstance(self.codebook_size, bool) or not isinstance(self.codebook_size, int) \
                 or not 2 <= self.codebook_size <= settings.MAX_CODEBOOK:
             raise ConfigError(f"codebook size must be a whole number from 2 to {settings.MAX_CODEBOOK}, "
@@ -85,7 +93,7 @@ class FirstConfig:
     def label(self) -> str | None:
         """What names this config's files in place of the ratio: None at filter granularity."""
         if self.granularity == "kernel":
-            return f"kernel-{self.codebook_scope}{self.codebook_size}"
+            return f"kernel-{self.codebook_scope}{self.codebook_size}" + ("" if self.reassign else "-fixed")
         return None
 
 
@@ -111,19 +119,6 @@ class SharedConv2d(SharedTable):
         return f"{self.in_channels}, {self.out_channels}, k={len(self.centroids)}"
 
 
-def _clustering_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
-    """(vectors, weights) K-Means runs on: the error each filter's approximation adds at the BN output."""
-    vectors = conv.weight.detach().flatten(1).numpy()
-    if features == "raw" or bn is None:
-        return vectors, np.ones(len(vectors))
-    if features == "bn-weighted":
-        return vectors, bn_scale_of(bn) ** 2 + 1e-12
-    # scaled: filter i becomes s_i * centroid, and s_i moves into the BN after the conv
-    # (a per-channel affine the file keeps anyway), so only directions need to cluster.
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-    return vectors / norms, (bn_scale_of(bn) * norms[:, 0]) ** 2 + 1e-12
-
-
 @torch.no_grad()
 def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
     """Cluster the filters (or the kernels, by cfg.granularity) of every chosen conv of a copy of `model`;
@@ -134,7 +129,7 @@ def apply_first(model: nn.Module, cfg: FirstConfig) -> tuple[nn.Module, dict]:
     convs = clusterable_convs(model, cfg.layers)
     if not convs:
         raise ValueError("no convolution layer to cluster")
-    inputs = [_clustering_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
+    inputs = [clustering_inputs(conv.weight.detach().flatten(1).numpy(), bn, cfg.features) for _, conv, bn in convs]
     ks = [clusters_for(conv.out_channels, cfg.ratio) for _, conv, _ in convs]
     if cfg.allocation == "global":
         costs = [conv.weight[0].numel() for _, conv, _ in convs]
@@ -221,4 +216,4 @@ def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -
 IMPLEMENTATION = Implementation(
     config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation"),
     stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids, four_bit=int4_tables,
-    trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,))
+    trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,), strip=drop_shadows)

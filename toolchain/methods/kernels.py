@@ -22,8 +22,8 @@ from torch import nn
 from ..clustering import kmeans
 from ..least_squares import batched, normal_equations, ridge_solve
 from ..models import CifarResNet, bn_affine, set_bn_affine
-from .convs import bn_after, bn_scale_of, clusterable_convs, conv_targets, fold_filter_scales, set_module
-from .shared_tables import SharedTable
+from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
+from .shared_tables import SharedTable, through_shadow
 
 
 class Codebook(SharedTable):
@@ -40,16 +40,34 @@ def index_dtype(size: int) -> torch.dtype:
 class CodebookConv2d(nn.Module):
     """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook."""
 
-    def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor):
+    def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor, reassign: bool = False):
         super().__init__()
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attr, getattr(conv, attr))
         self.codebook = codebook  # the same module in every conv of the scope
         self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+        # With `reassign`, the kernels as trainable shadow weights: each training step gives every
+        # kernel the entry nearest its shadow (start_shadow sets them to the kernels as they are).
+        self.shadow = nn.Parameter(self._kernels().detach().clone()) if reassign else None
+
+    def _kernels(self) -> torch.Tensor:
+        return self.codebook.table().index_select(0, self.index.int())  # Gather wants int32/int64 indices
+
+    @torch.no_grad()
+    def start_shadow(self) -> None:
+        """The shadow kernels set to the kernels as they are, so that training starts from them."""
+        if self.shadow is not None:
+            self.shadow.copy_(self._kernels())
 
     @property
     def weight(self) -> torch.Tensor:
-        kernels = self.codebook.table().index_select(0, self.index.int())  # Gather wants int32/int64 indices
+        if self.training and self.shadow is not None:
+            table = self.codebook.table()
+            with torch.no_grad():
+                self.index.copy_(torch.cdist(self.shadow, table).argmin(1).to(self.index.dtype))
+            kernels = through_shadow(table, self.index.long(), self.shadow)
+        else:
+            kernels = self._kernels()
         return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def forward(self, x):
@@ -70,18 +88,11 @@ def scope_key(name: str, scope: str) -> str:
 
 
 def _kernel_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
-    """(kernels, weights) K-Means runs on, as method first's filter features (first._clustering_inputs)
-    but per kernel: scaled divides each filter by its norm (folded into the BN afterwards)."""
-    kernels = conv.weight.detach().flatten(2).numpy().astype(np.float64)  # (out, in, kh * kw)
-    out, cin = kernels.shape[:2]
-    if features == "raw" or bn is None:
-        return kernels.reshape(out * cin, -1), np.ones(out * cin)
-    filter_weight = bn_scale_of(bn) ** 2
-    if features == "scaled":
-        norms = np.sqrt((kernels ** 2).sum((1, 2))).clip(1e-12)
-        kernels = kernels / norms[:, None, None]
-        filter_weight = filter_weight * norms ** 2
-    return kernels.reshape(out * cin, -1), np.repeat(filter_weight + 1e-12, cin)
+    """(kernels, weights) K-Means runs on: the filters' features (clustering_inputs) cut into kernels,
+    each weighted as its filter; scaled divides each filter by its norm (folded into the BN afterwards)."""
+    filters = conv.weight.detach().flatten(1).numpy().astype(np.float64)
+    vectors, weights = clustering_inputs(filters, bn, features)
+    return vectors.reshape(-1, conv.kernel_size[0] * conv.kernel_size[1]), np.repeat(weights, conv.in_channels)
 
 
 @torch.no_grad()
@@ -108,12 +119,19 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
             if cfg.features == "scaled" and bn is not None:
                 rebuilt = result.centroids[index].reshape(conv.out_channels, -1)
                 fold_filter_scales(conv, bn, rebuilt, np.arange(conv.out_channels))
-            set_module(model, name, CodebookConv2d(conv, codebook, torch.from_numpy(index)))
+            set_module(model, name, CodebookConv2d(conv, codebook, torch.from_numpy(index), cfg.reassign))
         records.append({"codebook": key, "layers": [name for name, _, _ in convs], "kernels": len(vectors),
                         "k": len(result.centroids), "inertia": result.inertia})
     return model, {"codebooks": records, "first": {"granularity": "kernel", "codebook_size": cfg.codebook_size,
-                                                   "codebook_scope": cfg.codebook_scope, "features": cfg.features,
+                                                   "codebook_scope": cfg.codebook_scope, "features": cfg.features, "reassign": cfg.reassign,
                                                    "n_init": cfg.n_init}}
+
+
+def drop_shadows(model: nn.Module) -> None:
+    """After fine-tuning: each conv keeps its last entries, without the shadow kernels."""
+    for m in model.modules():
+        if isinstance(m, CodebookConv2d):
+            m.shadow = None
 
 
 # Beyond this many unknowns (codebook entries x taps) the codebook's least squares keeps only each
@@ -219,10 +237,9 @@ def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: fl
     norm = sum(float((layer.weight * layer.target_norms).sum()) for layer in layers)
     before = error(entries, indices)
     best = [layer.best_weight(ridge) for layer in layers]
-    for _ in range(rounds):
+    for _ in range(rounds):  # each round ends on a solve: a further one with the same indices changes nothing
         indices = [_assign(layer, entries, w) for layer, w in zip(layers, best)]
         entries = _solve_entries(layers, indices, entries, ridge)
-    entries = _solve_entries(layers, indices, entries, ridge)
     book.centroids.copy_(entries.float())
     for layer, index in zip(layers, indices):
         layer.conv.index.copy_(index.flatten().to(layer.conv.index.dtype))
@@ -232,7 +249,7 @@ def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: fl
 
 
 @torch.no_grad()
-def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Tensor, rounds: int = 3,
+def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Tensor, rounds: int = 2,
                     ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
     """Data-aware codebooks, fit to the original convs' outputs at the BN outputs on calibration images.
 
@@ -241,9 +258,9 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
     the entry that adds the least error at the conv's output (`_assign`). Walked in network order,
     each conv fed by the model so far, so later convs correct the errors of earlier ones. A codebook
     shared by several convs has its entries solved again at each of them (the next conv then sees
-    the entries fit so far); at its last conv, `rounds` alternations of assignment and solve, then a
-    last solve. Where a codebook is shared, each output channel's gain and offset are fit after
-    (`correct_channels`). Returns each codebook's relative squared error at the BN outputs before and after.
+    the entries fit so far); at its last conv, `rounds` alternations of assignment and solve
+    (two: a third changes little and costs a solve per codebook). Where a codebook is shared, each
+    output channel's gain and offset are fit after (`correct_channels`). Returns each codebook's relative squared error at the BN outputs before and after.
     """
     modules = dict(model.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, CodebookConv2d) and m.codebook.scale is None]
@@ -261,6 +278,8 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
             _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
     convs_of = Counter(id(modules[name].codebook) for name in names)
     correct_channels(model, original, [n for n in names if convs_of[id(modules[n].codebook)] > 1], images, batch_size)
+    for name in names:
+        modules[name].start_shadow()
     return records
 
 

@@ -81,6 +81,17 @@ def fake_quantize(centroids: torch.Tensor, bits: int, per_row: bool = True) -> t
     return centroids + (quantized - centroids).detach()
 
 
+def through_shadow(table: torch.Tensor, index: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+    """table[index] in the forward pass, for weights just assigned to their nearest row (TFMOT's
+    clustering wrapper): the gradient reaches each row averaged over the weights that use it (TFMOT's
+    `GradientAggregation.AVG`; summed, a row shared by thousands of weights takes steps thousands of
+    times too large under SGD) and, straight through, the shadow weights, which keep every small step
+    until one carries a weight over to another row."""
+    members = torch.bincount(index, minlength=len(table)).clamp_min(1).view(-1, *([1] * (table.ndim - 1)))
+    averaged = table.detach() + (table - table.detach()) / members
+    return averaged[index] + (shadow - shadow.detach())
+
+
 def train_quantized(model: nn.Module, bits: int) -> None:
     """Let every shared conv fine-tune through `bits`-bit fake quantization (`quantize_centroids`
     afterwards stores exactly the values trained with)."""

@@ -4,10 +4,9 @@ Optimization does it (`tfmot.clustering.keras.cluster_weights`).
 Every weight of a conv becomes one of the layer's `clusters` scalar values (16: a 4-bit index per
 weight). Fine-tuning works as TFMOT's wrapper does: the original weights stay as trainable shadow
 weights, each forward pass (in training) assigns every weight to its nearest value, and the
-gradient reaches both the values (averaged over a value's weights: TFMOT's `GradientAggregation.AVG`;
-its default sum suits Adam, but under SGD a value shared by thousands of weights takes steps
-thousands of times too large and the fine-tune diverges) and, straight through, the shadow weights;
-`strip` then drops the shadow weights and keeps the last assignment. The file holds a
+gradient reaches both the values (averaged over a value's weights: TFMOT's `GradientAggregation.AVG`,
+not its default sum, which diverges under SGD) and, straight through, the shadow weights
+(`shared_tables.through_shadow`); `strip` then drops the shadow weights and keeps the last assignment. The file holds a
 16-value table and 4-bit indices per conv, rebuilt by Cast + Gather + Reshape, which ONNX Runtime
 folds at load. Unlike TFMOT, the values start from a full K-Means (TFMOT stops at the k-means++
 seeding), and the BatchNorm statistics are recalibrated as for every method here.
@@ -28,6 +27,7 @@ from ..clustering import kmeans
 from ..errors import ConfigError
 from . import Implementation
 from .convs import clusterable_convs, set_module
+from .shared_tables import through_shadow
 
 
 @dataclass
@@ -63,10 +63,7 @@ class ClusteredConv2d(nn.Module):
         if self.training and self.shadow is not None:
             with torch.no_grad():  # every weight to its nearest value, as TFMOT does at each step
                 self.index.copy_((self.shadow.reshape(-1, 1) - self.values).abs().argmin(1))
-                members = torch.bincount(self.index.long(), minlength=len(self.values)).clamp_min(1)
-            averaged = self.values.detach() + (self.values - self.values.detach()) / members  # gradient / members
-            clustered = averaged[self.index.long()].view(self.shape)
-            return clustered + (self.shadow - self.shadow.detach())  # straight through to the shadow weights
+            return through_shadow(self.values, self.index.long(), self.shadow.flatten()).view(self.shape)
         return self.values.index_select(0, self.index.int()).view(self.shape)  # Gather wants int32/int64
 
     def forward(self, x):
