@@ -1,11 +1,12 @@
 """Method first at kernel granularity: every kh x kw kernel of a conv is an entry of a codebook.
 
 A codebook of K kernels is shared by the convs of its scope: each conv alone (`layer`), the convs
-of a stage (`stage`; the stem counts with stage 1) or every conv (`network`). A conv keeps a fixed
+of a stage (`stage`; the stem counts with stage 1) or every conv (`network`). A conv keeps an
 index per (output, input) channel pair, uint8 for K <= 256, and rebuilds its weight as
 `codebook[index]` reshaped to (out, in, kh, kw); fine-tuning trains the codebook, so kernels of
-one entry stay identical. In ONNX that is Cast + Gather + Reshape over two initializers, which
-ONNX Runtime folds when it loads the file.
+one entry stay identical, and with `reassign` moves each kernel to the entry nearest its shadow
+weights. In ONNX that is Cast + Gather + Reshape over two initializers, which ONNX Runtime folds
+when it loads the file.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: fl
 
 
 @torch.no_grad()
-def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Tensor, rounds: int = 2,
+def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Tensor, rounds: int | None = None,
                     ridge: float = 1e-3, batch_size: int = 256) -> list[dict]:
     """Data-aware codebooks, fit to the original convs' outputs at the BN outputs on calibration images.
 
@@ -259,8 +260,10 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
     each conv fed by the model so far, so later convs correct the errors of earlier ones. A codebook
     shared by several convs has its entries solved again at each of them (the next conv then sees
     the entries fit so far); at its last conv, `rounds` alternations of assignment and solve
-    (two: a third changes little and costs a solve per codebook). Where a codebook is shared, each
-    output channel's gain and offset are fit after (`correct_channels`). Returns each codebook's relative squared error at the BN outputs before and after.
+    (by default three for a shared codebook, whose entries were fit one conv at a time; two for a
+    conv's own, where a third changes little and costs a solve per conv). Where a codebook is
+    shared, each output channel's gain and offset are fit after (`correct_channels`). Returns each
+    codebook's relative squared error at the BN outputs before and after.
     """
     modules = dict(model.named_modules())
     names = [name for name, m in modules.items() if isinstance(m, CodebookConv2d) and m.codebook.scale is None]
@@ -273,7 +276,8 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
         pending[id(conv.codebook)].append(_Layer(name, conv, gram, cross, target.double().pow(2).sum((0, 2, 3)),
                                                  a_new.double() ** 2))
         if last[id(conv.codebook)] == name:
-            records.append(_refit_codebook(conv.codebook, pending.pop(id(conv.codebook)), rounds, ridge))
+            layers = pending.pop(id(conv.codebook))
+            records.append(_refit_codebook(conv.codebook, layers, rounds or (3 if len(layers) > 1 else 2), ridge))
         else:  # the convs after this one in the scope see its output with the entries fit so far
             _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
     convs_of = Counter(id(modules[name].codebook) for name in names)
