@@ -62,10 +62,10 @@ def test_indices_widen_past_256_entries(model):
 @pytest.mark.parametrize("reassign", [True, False])
 def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign):
     clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign))
-    before = {n: (c.weight.detach().clone(), c.index.clone()) for n, c in codebook_convs(clustered).items()}
+    before = {n: (c.codebook.centroids.detach().clone(), c.index.clone()) for n, c in codebook_convs(clustered).items()}
     fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
     convs = codebook_convs(clustered)
-    assert any(not torch.equal(before[n][0], c.weight) for n, c in convs.items())  # the codebooks moved
+    assert all(not torch.equal(before[n][0], c.codebook.centroids) for n, c in convs.items())  # the codebooks trained
     moved = [not torch.equal(before[n][1], c.index) for n, c in convs.items()]
     assert any(moved) if reassign else not any(moved)  # kernels changed entries only with reassign
     for scope in ("layer1", "layer2", "layer3"):
@@ -98,6 +98,26 @@ def test_reassigning_kernels_follow_their_shadows_while_training(model):
     drop_shadows(clustered)
     assert conv.shadow is None and not any("shadow" in n for n, _ in clustered.named_parameters())
     torch.testing.assert_close(conv.train()(x), trained)  # without shadows the entries stay fixed
+
+
+@pytest.mark.parametrize("bits, apart", [(4, 1e-4), (None, 1e-6)])
+def test_reassigning_starts_each_kernel_at_its_own_entry(model, bits, apart):
+    """Two entries barely apart (4-bit: rounding to the same codes) still keep their kernels when
+    training starts: the kernels would move to the first of the two if the rounded table decided,
+    or, in float32, where the distances' rounding errors exceed their gap."""
+    clustered, _ = apply_first(model, kernel_config(16, "layer", reassign=True))
+    conv = codebook_convs(clustered)["layer2.0.conv2"]
+    book = conv.codebook
+    with torch.no_grad():
+        book.centroids[1] = book.centroids[0] + apart
+    book.bits = bits
+    if bits:
+        assert torch.equal(book.table()[0], book.table()[1])  # the same codes
+    conv.start_shadow()
+    index = conv.index.clone()
+    assert (index == 1).any()
+    conv.train().weight
+    assert torch.equal(conv.index, index)
 
 
 def test_int8_codebook_has_one_scale_and_stays_close(model):
@@ -277,7 +297,7 @@ def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
      "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
     (["--method", "first", "--fixed-index"],
      "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
-    (["--method", "second", "--reassign"], "error: --reassign is an option of method first, not of second"),
+    (["--method", "second", "--reassign"], "error: --reassign/--fixed-index is an option of method first, not of second"),
 ])
 def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
     result = run_cli("export", *args, "--out", tmp_path / "k.onnx")

@@ -242,8 +242,13 @@ def _refuse_options_of_other_methods(method: str) -> None:
     for name in registry.method_specific_options():
         takers = registry.taking(name)
         if method not in takers and _given(name):
-            raise ToolchainError(f"--{name.replace('_', '-')} is an option of method {' and '.join(takers)}, "
-                                 f"not of {method}")
+            raise ToolchainError(f"{_flags(name)} is an option of method {' and '.join(takers)}, not of {method}")
+
+
+def _flags(name: str) -> str:
+    """The option as the user may type it: both halves of an on/off pair (--reassign/--fixed-index)."""
+    param = next(p for p in click.get_current_context().command.params if p.name == name)
+    return "/".join(param.opts + param.secondary_opts)
 
 
 @cli.command(name="eval")

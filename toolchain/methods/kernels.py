@@ -49,24 +49,26 @@ class CodebookConv2d(nn.Module):
         self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
         # With `reassign`, the kernels as trainable shadow weights: each training step gives every
         # kernel the entry nearest its shadow (start_shadow sets them to the kernels as they are).
-        self.shadow = nn.Parameter(self._kernels().detach().clone()) if reassign else None
+        self.shadow = nn.Parameter(self._kernels(rounded=False).detach().clone()) if reassign else None
 
-    def _kernels(self) -> torch.Tensor:
-        return self.codebook.table().index_select(0, self.index.int())  # Gather wants int32/int64 indices
+    def _kernels(self, rounded: bool = True) -> torch.Tensor:
+        return self.codebook.table(rounded).index_select(0, self.index.int())  # Gather wants int32/int64 indices
 
     @torch.no_grad()
     def start_shadow(self) -> None:
-        """The shadow kernels set to the kernels as they are, so that training starts from them."""
+        """The shadow kernels set to their entries as they are (before any rounding to codes, as the
+        shadows train), so that training starts from them."""
         if self.shadow is not None:
-            self.shadow.copy_(self._kernels())
+            self.shadow.copy_(self._kernels(rounded=False))
 
     @property
     def weight(self) -> torch.Tensor:
         if self.training and self.shadow is not None:
-            table = self.codebook.table()
-            with torch.no_grad():
-                self.index.copy_(torch.cdist(self.shadow, table).argmin(1).to(self.index.dtype))
-            kernels = through_shadow(table, self.index.long(), self.shadow)
+            with torch.no_grad():  # float64: a kernel at its own entry must find it nearest, not a near tie;
+                # unrounded entries: codes can round several entries to one, and argmin would take the first
+                distances = torch.cdist(self.shadow.double(), self.codebook.table(rounded=False).double())
+                self.index.copy_(distances.argmin(1).to(self.index.dtype))
+            kernels = through_shadow(self.codebook.table(), self.index.long(), self.shadow)
         else:
             kernels = self._kernels()
         return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
@@ -93,7 +95,7 @@ def _kernel_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
     each weighted as its filter; scaled divides each filter by its norm (folded into the BN afterwards)."""
     filters = conv.weight.detach().flatten(1).numpy().astype(np.float64)
     vectors, weights = clustering_inputs(filters, bn, features)
-    return vectors.reshape(-1, conv.kernel_size[0] * conv.kernel_size[1]), np.repeat(weights, conv.in_channels)
+    return vectors.reshape(-1, conv.kernel_size[0] * conv.kernel_size[1]), np.repeat(weights, conv.weight.shape[1])
 
 
 @torch.no_grad()
@@ -238,7 +240,7 @@ def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: fl
     norm = sum(float((layer.weight * layer.target_norms).sum()) for layer in layers)
     before = error(entries, indices)
     best = [layer.best_weight(ridge) for layer in layers]
-    for _ in range(rounds):  # each round ends on a solve: a further one with the same indices changes nothing
+    for _ in range(rounds):  # each round ends on a solve: another with the same indices would barely move the entries
         indices = [_assign(layer, entries, w) for layer, w in zip(layers, best)]
         entries = _solve_entries(layers, indices, entries, ridge)
     book.centroids.copy_(entries.float())
@@ -277,7 +279,8 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
                                                  a_new.double() ** 2))
         if last[id(conv.codebook)] == name:
             layers = pending.pop(id(conv.codebook))
-            records.append(_refit_codebook(conv.codebook, layers, rounds or (3 if len(layers) > 1 else 2), ridge))
+            default_rounds = 3 if len(layers) > 1 else 2
+            records.append(_refit_codebook(conv.codebook, layers, default_rounds if rounds is None else rounds, ridge))
         else:  # the convs after this one in the scope see its output with the entries fit so far
             _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
     convs_of = Counter(id(modules[name].codebook) for name in names)

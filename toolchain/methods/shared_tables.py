@@ -27,10 +27,12 @@ class SharedTable(nn.Module):
         self.register_buffer("scale", None)
         self.bits: int | None = None
 
-    def table(self) -> torch.Tensor:
+    def table(self, rounded: bool = True) -> torch.Tensor:
+        """The rows as the file will give them back; without `rounded`, as trained (before the rounding
+        in the loop, if any)."""
         if self.scale is not None:
             return self.centroids.float() * self.scale
-        if self.bits is not None:
+        if self.bits is not None and rounded:
             return fake_quantize(self.centroids, self.bits, self.row_scales)
         return self.centroids
 
