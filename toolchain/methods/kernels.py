@@ -24,7 +24,7 @@ from ..clustering import kmeans
 from ..least_squares import batched, normal_equations, ridge_solve
 from ..models import CifarResNet, bn_affine, set_bn_affine
 from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
-from .shared_tables import SharedTable, through_shadow
+from .shared_tables import SharedTable, nearest_rows, through_shadow
 
 
 class Codebook(SharedTable):
@@ -64,10 +64,8 @@ class CodebookConv2d(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if self.training and self.shadow is not None:
-            with torch.no_grad():  # float64: a kernel at its own entry must find it nearest, not a near tie;
-                # unrounded entries: codes can round several entries to one, and argmin would take the first
-                distances = torch.cdist(self.shadow.double(), self.codebook.table(rounded=False).double())
-                self.index.copy_(distances.argmin(1).to(self.index.dtype))
+            # the unrounded entries: codes can round several entries to one, and argmin would take the first
+            self.index.copy_(nearest_rows(self.shadow, self.codebook.table(rounded=False)))
             kernels = through_shadow(self.codebook.table(), self.index.long(), self.shadow)
         else:
             kernels = self._kernels()

@@ -83,6 +83,14 @@ def fake_quantize(centroids: torch.Tensor, bits: int, per_row: bool = True) -> t
     return centroids + (quantized - centroids).detach()
 
 
+@torch.no_grad()
+def nearest_rows(shadow: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the table row nearest each shadow weight (a row: a scalar or a kernel), for
+    `through_shadow`. In float64, so that a weight sitting at its own row finds that row rather than
+    a neighbour within float32's rounding of the distances."""
+    return torch.cdist(shadow.double().reshape(len(shadow), -1), table.double().reshape(len(table), -1)).argmin(1)
+
+
 def through_shadow(table: torch.Tensor, index: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
     """table[index] in the forward pass, for weights just assigned to their nearest row (TFMOT's
     clustering wrapper): the gradient reaches each row averaged over the weights that use it (TFMOT's

@@ -27,7 +27,7 @@ from ..clustering import kmeans
 from ..errors import ConfigError
 from . import Implementation
 from .convs import clusterable_convs, set_module
-from .shared_tables import through_shadow
+from .shared_tables import nearest_rows, through_shadow
 
 
 @dataclass
@@ -61,8 +61,8 @@ class ClusteredConv2d(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if self.training and self.shadow is not None:
-            with torch.no_grad():  # every weight to its nearest value, as TFMOT does at each step
-                self.index.copy_((self.shadow.reshape(-1, 1) - self.values).abs().argmin(1))
+            # every weight to its nearest value, as TFMOT does at each step
+            self.index.copy_(nearest_rows(self.shadow.flatten(), self.values))
             return through_shadow(self.values, self.index.long(), self.shadow.flatten()).view(self.shape)
         return self.values.index_select(0, self.index.int()).view(self.shape)  # Gather wants int32/int64
 
