@@ -59,3 +59,13 @@ def test_cli_defaults_are_the_library_defaults():
     assert (resolved.distill_features, resolved.distill_temperature) == (settings.DISTILL_FEATURES,
                                                                         settings.DISTILL_TEMPERATURE)
     assert TrainConfig.distill_temperature == settings.DISTILL_TEMPERATURE
+
+
+def test_sweep_codebooks_take_sizes_as_export_does():
+    import click
+
+    from toolchain.cli import _codebook_list
+    assert _codebook_list(" layer:256, stage:0.25 ") == [("layer", 256), ("stage", 0.25)]
+    assert isinstance(_codebook_list("layer:256")[0][1], int)
+    with pytest.raises(click.BadParameter, match="'layer:quarter' is not SCOPE:SIZE"):
+        _codebook_list("layer:quarter")

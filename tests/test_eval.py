@@ -333,6 +333,25 @@ def test_sweep_killed_mid_row_resumes_and_loses_nothing(tmp_path, baseline_path,
         assert {k: after[row["method"], row["centroid_bits"]][k] for k in row} == row
 
 
+def test_sweep_rows_of_kernel_codebooks_record_whether_kernels_were_reassigned():
+    """A sweep resumes by each row's options: a kernel-codebook row made before kernels were reassigned
+    (no `reassign` among its options) is redone, not taken for today's default; filter-level rows,
+    which have no such option, keep the keys they had."""
+    from toolchain.methods.first import FirstConfig
+    from toolchain.pipeline import ExportConfig
+    from toolchain.sweep import _identity, _key
+
+    def identity(**options):
+        return _identity(ExportConfig(method="first", options=FirstConfig(**options)))
+
+    reassigned = identity(granularity="kernel")
+    assert reassigned["options"] == {"features": "scaled", "allocation": "uniform", "reassign": True}
+    earlier = {**reassigned, "options": {"features": "scaled", "allocation": "uniform"}}
+    assert _key(earlier) != _key(reassigned)
+    assert _key(identity(granularity="kernel", reassign=False)) not in (_key(reassigned), _key(earlier))
+    assert identity()["options"] == {"features": "scaled", "allocation": "uniform"}
+
+
 def test_sweep_resume_reads_missing_teacher_settings_as_those_of_their_time(tmp_path):
     """A results.json from before the teacher settings were recorded was made without the feature term
     and at temperature 4: resuming it with today's defaults is refused, with those settings it goes on."""

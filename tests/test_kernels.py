@@ -37,6 +37,24 @@ def model():
     return build_model("resnet20").eval()
 
 
+def test_a_fraction_sizes_each_codebook_by_its_kernels(model):
+    """--codebook-size 0.25: each conv's codebook a quarter of its kernels, rounded up, so that the
+    64x64 convs get 1,024 entries (int16 indices) and the 16x16 ones 64 (uint8)."""
+    from toolchain.errors import ConfigError
+    from toolchain.methods.kernels import codebook_entries
+    clustered, info = apply_first(model, kernel_config(0.25, "layer"))
+    convs = codebook_convs(clustered)
+    for record in info["codebooks"]:
+        conv = convs[record["layers"][0]]
+        assert record["k"] == len(conv.codebook.centroids) == -(-record["kernels"] // 4)
+        assert distinct_kernels([conv]) <= record["k"]
+        assert conv.index.dtype == (torch.uint8 if record["k"] <= 256 else torch.int16)
+    assert sorted({r["k"] for r in info["codebooks"]}) == [12, 64, 128, 256, 512, 1024]
+    assert (codebook_entries(256, 100), codebook_entries(0.001, 100), codebook_entries(0.5, 3)) == (100, 2, 2)
+    with pytest.raises(ConfigError, match="beyond the int16 index's 32767"):
+        codebook_entries(0.9, 40000)
+
+
 @pytest.mark.parametrize("scope, books", [("layer", 19), ("stage", 3), ("network", 1)])
 def test_every_scope_shares_one_codebook_of_at_most_k_kernels(model, scope, books):
     clustered, info = apply_first(model, kernel_config(16, scope))
@@ -131,15 +149,17 @@ def test_int8_codebook_has_one_scale_and_stays_close(model):
 
 
 @pytest.mark.slow
-def test_refit_fits_the_original_outputs_on_real_images(baseline, train_split, test_split):
+@pytest.mark.parametrize("size, scope, books", [(64, "layer", 19), (0.25, "layer", 19), (1024, "network", 1)])
+def test_refit_fits_the_original_outputs_on_real_images(baseline, train_split, test_split, size, scope, books):
     """The data-aware refit (assignment by output error, entries by least squares) lowers every
-    codebook's error at the BN outputs and recovers accuracy that plain K-Means lost."""
-    clustered, _ = apply_first(baseline.model.eval(), kernel_config(64, "layer"))
+    codebook's error at the BN outputs and recovers accuracy that plain K-Means lost; for a large
+    codebook shared by every conv too (once solved entry by entry, its error grew tenfold)."""
+    clustered, _ = apply_first(baseline.model.eval(), kernel_config(size, scope))
     test = test_split.subset(500)
     clustered_accuracy = evaluate(clustered, test, mean=baseline.mean, std=baseline.std)
     images = to_tensor(train_split.subset(256, 0).images, baseline.mean, baseline.std)
     records = refit_codebooks(clustered, baseline.model, images, rounds=1)
-    assert len(records) == 19
+    assert len(records) == books
     assert all(r["relative_error_after"] < r["relative_error_before"] for r in records)
     refit_accuracy = evaluate(clustered, test, mean=baseline.mean, std=baseline.std)
     assert refit_accuracy > clustered_accuracy + 0.05, (clustered_accuracy, refit_accuracy)
@@ -278,8 +298,12 @@ def test_kernel_export_is_deterministic(tmp_path, baseline_path, data_root):
 
 
 @pytest.mark.parametrize("args, start", [
-    (["--codebook-size", "1"], "error: Invalid value for '--codebook-size': 1 is not in the range"),
-    (["--codebook-size", "40000"], "error: Invalid value for '--codebook-size': 40000 is not in the range"),
+    (["--codebook-size", "1"], "error: codebook size must be a whole number of entries from 2 to 32767 or a "
+                               "fraction of each codebook's kernels between 0 and 1, got 1"),
+    (["--codebook-size", "40000"], "error: codebook size must be a whole number of entries from 2 to 32767"),
+    (["--codebook-size", "1.5"], "error: codebook size must be a whole number of entries from 2 to 32767"),
+    (["--codebook-size", "0.0"], "error: codebook size must be a whole number of entries from 2 to 32767"),
+    (["--codebook-size", "quarter"], "error: Invalid value for '--codebook-size': 'quarter' is neither a number"),
     (["--codebook-scope", "block"], "error: Invalid value for '--codebook-scope': 'block' is not one of"),
     (["--ratio", "0.3"], "error: --ratio plays no part in first kernel-layer256"),
     (["--quantize", "int8"], "error: --quantize int8 is not available for kernel-layer256 yet"),
@@ -303,3 +327,36 @@ def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
     result = run_cli("export", *args, "--out", tmp_path / "k.onnx")
     assert result.returncode == 2
     assert result.stderr.strip() == message and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("size", [6, 40])
+def test_codebook_entries_solve_the_ridge_least_squares(size):
+    """The entries' solve (conjugate gradients, no matrix formed) gives what ridge_solve gives on the
+    matrix written out from its definition: weight = J entries, J placing each entry at its kernels,
+    so the normal equations are J^T (a^2 x gram per output) J. Two convs share the codebook; the
+    small size has outputs drawing from one entry at several inputs; unused entries stay."""
+    from toolchain.least_squares import normal_equations, ridge_solve
+    from toolchain.methods.kernels import _Layer, _solve_entries
+    torch.manual_seed(0)
+    layers, indices, taps = [], [], 9
+    for out in (8, 4):
+        conv = torch.nn.Conv2d(16, out, 3, padding=1, bias=False)
+        x = torch.randn(32, 16, 8, 8)
+        x[:, 1:] += 0.8 * x[:, :1]  # correlated channels: the entries' equations couple
+        target = conv(x).detach() + 0.1 * torch.randn(32, out, 8, 8)
+        gram, cross = normal_equations(conv, x, target)
+        layers.append(_Layer("c", conv, gram, cross, target.double().pow(2).sum((0, 2, 3)),
+                             torch.rand(out, dtype=torch.float64) + 0.5))
+        indices.append(torch.randint(0, size - 2, (out, 16)))
+    entries = torch.randn(size, taps, dtype=torch.float64)
+    matrix, rhs = 0, 0
+    for layer, index in zip(layers, indices):
+        placing = torch.nn.functional.one_hot(index.flatten(), size).double()  # (kernels, size)
+        j = torch.kron(placing, torch.eye(taps, dtype=torch.float64))  # (kernels * taps, size * taps)
+        per_output = torch.block_diag(*[a * layer.gram for a in layer.weight])
+        matrix = matrix + j.T @ per_output @ j
+        rhs = rhs + j.T @ (layer.cross.T * layer.weight[:, None]).flatten()
+    expected = ridge_solve(matrix, rhs[:, None], 1e-3, entries.reshape(-1, 1)).view(size, taps)
+    got = _solve_entries(layers, indices, entries, 1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-8 * float(expected.abs().max()))
+    torch.testing.assert_close(got[size - 2:], entries[size - 2:])

@@ -59,6 +59,24 @@ def compression_options(command):
              "filter directions and fold each filter's scale into its BatchNorm.")(command)
 
 
+class CodebookSize(click.ParamType):
+    """A whole number of entries or a fraction of the kernels; FirstConfig checks the range."""
+    name = "N|FRACTION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        self.fail(f"{value!r} is neither a number of entries (256) nor a fraction of the kernels (0.25)", param, ctx)
+
+
+CODEBOOK_SIZE = CodebookSize()
+
+
 def kernel_options(command):
     """Method first at kernel granularity (toolchain.methods.kernels): export only, for now."""
     command = click.option(
@@ -71,9 +89,10 @@ def kernel_options(command):
              "nearest its trained shadow weights; --fixed-index keeps the entry the refit gave it.  "
              "[default: --reassign]")(command)
     command = click.option(
-        "--codebook-size", type=click.IntRange(2, settings.MAX_CODEBOOK),
-        help=f"Method first, --granularity kernel: kernels per codebook (a uint8 index per kernel up to 256).  "
-             f"[default: {settings.CODEBOOK_SIZE}]")(command)
+        "--codebook-size", type=CODEBOOK_SIZE,
+        help=f"Method first, --granularity kernel: entries per codebook (a uint8 index per kernel up to 256, int16 "
+             f"up to {settings.MAX_CODEBOOK}), or a fraction between 0 and 1 of each codebook's kernels (0.25: a "
+             f"conv of 4,096 kernels gets 1,024 entries, one of 256 gets 64).  [default: {settings.CODEBOOK_SIZE}]")(command)
     return click.option(
         "--granularity", type=click.Choice(settings.GRANULARITIES), default=settings.GRANULARITIES[0],
         show_default=True,
@@ -306,7 +325,8 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
 @click.option("--codebooks", metavar="SCOPE:SIZE,...",
               help="Method first: also sweep kernel codebooks, each one model of its size (no ratio), e.g. "
-                   f"layer:256,stage:256; scopes: {', '.join(settings.CODEBOOK_SCOPES)}.")
+                   f"layer:256,stage:256,layer:0.25 (a fraction: of each codebook's kernels); scopes: "
+                   f"{', '.join(settings.CODEBOOK_SCOPES)}.")
 @click.option("--centroid-bits", "extra_bits", type=click.Choice([str(settings.TRAINED_BITS)]), multiple=True,
               help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
                    "in the loop).")
@@ -350,14 +370,16 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
     click.echo(f"report: {out}/report.md")
 
 
-def _codebook_list(value: str | None) -> list[tuple[str, int]]:
-    """--codebooks layer:256,stage:256 -> [("layer", 256), ("stage", 256)]."""
+def _codebook_list(value: str | None) -> list[tuple[str, int | float]]:
+    """--codebooks layer:256,layer:0.25 -> [("layer", 256), ("layer", 0.25)]."""
     specs = []
     for spec in (value.split(",") if value else []):
         scope, _, size = spec.strip().partition(":")
-        if not size.strip().isdigit():
-            raise click.BadParameter(f"{spec.strip()!r} is not SCOPE:SIZE, e.g. layer:256", param_hint="'--codebooks'")
-        specs.append((scope.strip(), int(size)))
+        try:
+            specs.append((scope.strip(), CODEBOOK_SIZE.convert(size.strip(), None, None)))
+        except click.BadParameter:
+            raise click.BadParameter(f"{spec.strip()!r} is not SCOPE:SIZE, e.g. layer:256 or layer:0.25",
+                                     param_hint="'--codebooks'") from None
     return specs
 
 

@@ -72,6 +72,29 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, prior: to
     return torch.cholesky_solve(rhs, factor) if info == 0 else torch.linalg.solve(lhs, rhs)
 
 
+def conjugate_gradient(apply, rhs: torch.Tensor, start: torch.Tensor, precondition, rtol: float = 1e-10,
+                       max_steps: int = 2000) -> torch.Tensor:
+    """x with apply(x) = rhs, `apply` a symmetric positive definite linear map given only as a function
+    (preconditioned conjugate gradients, from `start`, until the residual is rtol of rhs): for systems
+    too large to hold as a matrix. `precondition` applies an approximate inverse."""
+    x = start.clone()
+    residual = rhs - apply(x)
+    z = precondition(residual)
+    direction, rz = z.clone(), (residual * z).sum()
+    tolerance = rtol * rhs.norm()
+    for _ in range(max_steps):
+        if residual.norm() <= tolerance:
+            break
+        step = apply(direction)
+        alpha = rz / (direction * step).sum()
+        x += alpha * direction
+        residual -= alpha * step
+        z = precondition(residual)
+        rz, previous = (residual * z).sum(), rz
+        direction = z + (rz / previous) * direction
+    return x
+
+
 @torch.no_grad()
 def refit_classifier(model: nn.Module, original: nn.Module, images: torch.Tensor, ridge: float = 1e-3,
                      batch_size: int = 256) -> dict:

@@ -138,7 +138,9 @@ class ExportConfig:
     def row_options(self) -> dict:
         """The options a user chose for the method (--features, --keep, --allocation), as result rows record them."""
         impl = self.implementation
-        return {name: getattr(self.options, name) for name in impl.option_fields} if impl else {}
+        # None: an option that does not apply to this config (--reassign at filter granularity)
+        chosen = {name: getattr(self.options, name) for name in impl.option_fields} if impl else {}
+        return {name: value for name, value in chosen.items() if value is not None}
 
     def tag(self) -> str:
         """Short name of what this config makes: none, first_r0.5, first_r0.6_int8, second_r0.5_latency, ..."""

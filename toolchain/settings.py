@@ -29,7 +29,8 @@ CENTROID_BITS = (4, 8)
 TRAINED_BITS = 4  # centroids this narrow are fine-tuned with their rounding in the loop
 FIRST_ALLOCATIONS = ("uniform", "global")
 GRANULARITIES = ("filter", "kernel")  # what a centroid is: a whole filter, or one kh x kw kernel
-CODEBOOK_SIZE = 256  # kernel granularity: entries per codebook (a uint8 index per kernel up to 256)
+CODEBOOK_SIZE = 256  # kernel granularity: entries per codebook (a uint8 index per kernel up to 256),
+# or a fraction between 0 and 1: that share of each codebook's kernels
 MAX_CODEBOOK = 32767  # int16 indices beyond 256 entries
 CODEBOOK_SCOPES = ("layer", "stage", "network")  # the convs sharing one codebook; the default first
 WEIGHT_CLUSTERS = 16  # the weight-clustering peer's values per conv (TFMOT's usual choice: a 4-bit index)

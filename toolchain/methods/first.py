@@ -38,10 +38,12 @@ class FirstConfig:
     allocation: str = settings.FIRST_ALLOCATIONS[0]  # or "global": per-layer k from one parameter budget
     layers: tuple[str, ...] | None = None  # conv names to cluster; None: all
     # filter: each conv's filters share centroid filters (the ratio sets how many). kernel: every
-    # kh x kw kernel is an entry of a codebook of codebook_size shared by the convs of codebook_scope
+    # kh x kw kernel is an entry of a codebook of codebook_size entries shared by the convs of codebook_scope
     # (toolchain.methods.kernels); the ratio plays no part.
     granularity: str = settings.GRANULARITIES[0]
-    codebook_size: int | None = None  # kernel granularity only; None: settings.CODEBOOK_SIZE
+    # Kernel granularity only: entries per codebook, or a fraction (0, 1) of each codebook's kernels (so
+    # that a large conv gets a larger codebook). None: settings.CODEBOOK_SIZE.
+    codebook_size: int | float | None = None
     codebook_scope: str | None = None  # kernel granularity only; None: settings.CODEBOOK_SCOPES[0]
     # Kernel granularity: while fine-tuning, each kernel moves to the entry nearest its shadow
     # weights (kernels.CodebookConv2d); False: every kernel keeps the entry the refit gave it.
@@ -76,10 +78,11 @@ class FirstConfig:
             self.reassign = True
         if not isinstance(self.reassign, bool):
             raise ConfigError(f"reassign is True or False, got {self.reassign!r}")
-        if isinstance(self.codebook_size, bool) or not isinstance(self.codebook_size, int) \
-                or not 2 <= self.codebook_size <= settings.MAX_CODEBOOK:
-            raise ConfigError(f"codebook size must be a whole number from 2 to {settings.MAX_CODEBOOK}, "
-                              f"got {self.codebook_size!r}")
+        size = self.codebook_size
+        whole = isinstance(size, int) and not isinstance(size, bool)
+        if not (whole and 2 <= size <= settings.MAX_CODEBOOK or isinstance(size, float) and 0 < size < 1):
+            raise ConfigError(f"codebook size must be a whole number of entries from 2 to {settings.MAX_CODEBOOK} "
+                              f"or a fraction of each codebook's kernels between 0 and 1, got {size!r}")
         if self.codebook_scope not in settings.CODEBOOK_SCOPES:
             raise ConfigError(f"codebook scope must be one of {', '.join(settings.CODEBOOK_SCOPES)}, "
                               f"got {self.codebook_scope!r}")
@@ -93,7 +96,7 @@ class FirstConfig:
     def label(self) -> str | None:
         """What names this config's files in place of the ratio: None at filter granularity."""
         if self.granularity == "kernel":
-            return f"kernel-{self.codebook_scope}{self.codebook_size}" + ("" if self.reassign else "-fixed")
+            return f"kernel-{self.codebook_scope}{self.codebook_size:g}" + ("" if self.reassign else "-fixed")
         return None
 
 
@@ -214,6 +217,6 @@ def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -
 
 
 IMPLEMENTATION = Implementation(
-    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation"),
+    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation", "reassign"),
     stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids, four_bit=int4_tables,
     trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,), strip=drop_shadows)

@@ -1,7 +1,8 @@
 """Method first at kernel granularity: every kh x kw kernel of a conv is an entry of a codebook.
 
-A codebook of K kernels is shared by the convs of its scope: each conv alone (`layer`), the convs
-of a stage (`stage`; the stem counts with stage 1) or every conv (`network`). A conv keeps an
+A codebook of K kernels (or of a fraction of its kernels) is shared by the convs of its scope: each
+conv alone (`layer`), the convs of a stage (`stage`; the stem counts with stage 1) or every conv
+(`network`). A conv keeps an
 index per (output, input) channel pair, uint8 for K <= 256, and rebuilds its weight as
 `codebook[index]` reshaped to (out, in, kh, kw); fine-tuning trains the codebook, so kernels of
 one entry stay identical, and with `reassign` moves each kernel to the entry nearest its shadow
@@ -12,6 +13,7 @@ when it loads the file.
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -20,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..clustering import kmeans
-from ..least_squares import batched, normal_equations, ridge_solve
+from ..errors import ConfigError
+from ..least_squares import batched, conjugate_gradient, normal_equations, ridge_solve
 from ..models import CifarResNet, bn_affine, set_bn_affine
 from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
 from .shared_tables import SharedTable, nearest_rows, through_shadow
@@ -96,10 +100,20 @@ def _kernel_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
     return vectors.reshape(-1, conv.kernel_size[0] * conv.kernel_size[1]), np.repeat(weights, conv.weight.shape[1])
 
 
+def codebook_entries(size: int | float, kernels: int) -> int:
+    """How many entries a codebook over `kernels` kernels gets: `size` (at most one per kernel) or, for a
+    fraction, that share of its kernels rounded up."""
+    entries = min(size, kernels) if isinstance(size, int) else min(kernels, max(2, math.ceil(size * kernels)))
+    if entries > settings.MAX_CODEBOOK:
+        raise ConfigError(f"a codebook of {entries} entries (a fraction {size:g} of {kernels} kernels) is beyond "
+                          f"the int16 index's {settings.MAX_CODEBOOK}: give a smaller fraction or a number")
+    return entries
+
+
 @torch.no_grad()
 def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
     """Cluster the kernels of every chosen conv of a copy of `model` into codebooks of cfg.codebook_size
-    per cfg.codebook_scope; returns it and a record per codebook."""
+    entries (codebook_entries) per cfg.codebook_scope; returns it and a record per codebook."""
     model = copy.deepcopy(model)
     scopes = defaultdict(list)
     for name, conv, bn in clusterable_convs(model, cfg.layers):
@@ -110,7 +124,7 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
     for key, convs in scopes.items():
         inputs = [_kernel_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
         vectors, weights = np.concatenate([v for v, _ in inputs]), np.concatenate([w for _, w in inputs])
-        result = kmeans(vectors, min(cfg.codebook_size, len(vectors)), cfg.seed, cfg.n_init, weights)
+        result = kmeans(vectors, codebook_entries(cfg.codebook_size, len(vectors)), cfg.seed, cfg.n_init, weights)
         codebook = Codebook(torch.from_numpy(result.centroids).float())
         start = 0
         for name, conv, bn in convs:
@@ -133,11 +147,6 @@ def drop_shadows(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, CodebookConv2d):
             m.shadow = None
-
-
-# Beyond this many unknowns (codebook entries x taps) the codebook's least squares keeps only each
-# entry's own block (entries solved apart): the full system of a 4,096-entry codebook would take 10 GB.
-FULL_SOLVE_UNKNOWNS = 4608
 
 
 @dataclass
@@ -182,41 +191,46 @@ def _assign(layer: _Layer, entries: torch.Tensor, best: torch.Tensor) -> torch.T
     return cost.argmin(2)
 
 
-def _entry_equations(layer: _Layer, index: torch.Tensor, size: int, taps: int, full: bool):
-    """The layer's normal equations in its codebook's entries: output o's weight is entries[index[o, c]]
-    for every input c, so the terms of all (o, c) drawing from one entry add up, each output's
-    counted a_o^2. Without `full`, only each entry's own block (entries solved apart)."""
+def _entry_rhs(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:
+    """(size, taps): the right-hand side of the layer's normal equations in its codebook's entries:
+    output o's weight is entries[index[o, c]] for every input c, so the terms of all (o, c) drawing
+    from one entry add up, each output's counted a_o^2."""
     out, cin = index.shape
-    tap = torch.arange(taps)
-    positions = index[:, :, None] * taps + tap  # (out, in, taps): where each weight element sits
-    small = torch.zeros(size * taps, dtype=torch.float64)
-    small.index_add_(0, positions.flatten(), (layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None]).flatten())
-    if full:
-        n = size * taps
-        big, block, rows = torch.zeros(n * n, dtype=torch.float64), layer.gram.reshape(-1), positions.reshape(out, -1)
-        for chunk in torch.split(torch.arange(out), 16):  # 16 outputs at a time: 16 (in * taps)^2 blocks in memory
-            r = rows[chunk]
-            big.index_add_(0, (r[:, :, None] * n + r[:, None, :]).flatten(), (layer.weight[chunk, None] * block).flatten())
-        return big.view(n, n), small
-    diagonal = layer.channel_grams(taps)  # (in, taps, taps)
-    blocks = torch.zeros(size, taps, taps, dtype=torch.float64)
-    blocks.index_add_(0, index.flatten(), (layer.weight[:, None, None, None] * diagonal[None]).reshape(-1, taps, taps))
-    return blocks, small
+    per_kernel = layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None]
+    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), per_kernel.reshape(-1, taps))
+
+
+def _entry_product(layer: _Layer, index: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """The layer's normal-equation matrix times `entries` (size, taps), without forming the matrix:
+    the weight the entries make, through the patches' second moments, summed back onto the entries."""
+    size, taps = entries.shape
+    product = (_rebuilt(entries, index) @ layer.gram) * layer.weight[:, None]  # (out, in * taps)
+    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), product.view(-1, taps))
+
+
+def _entry_blocks(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:
+    """(size, taps, taps): each entry's own diagonal block of the layer's normal-equation matrix (an
+    output drawing from one entry at several inputs adds their cross moments too)."""
+    cin = index.shape[1]
+    same = (index[:, :, None] == index[:, None, :]).double() * layer.weight[:, None, None]  # (out, in, in)
+    per_kernel = torch.einsum("ocd,cadb->ocab", same, layer.gram.view(cin, taps, cin, taps))  # (out, in, taps, taps)
+    return torch.zeros(size, taps, taps, dtype=torch.float64).index_add_(0, index.flatten(),
+                                                                         per_kernel.reshape(-1, taps, taps))
 
 
 def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The entries' ridge least squares for the convs drawing from them, as ridge_solve would give it
+    (the ridge pulls toward the entries as they are, so unused ones stay), by conjugate gradients
+    preconditioned by each entry's own block: the matrix of a 4,096-entry codebook would take 10 GB,
+    and even at 256 entries building it cost more than the iterations."""
     size, taps = entries.shape
-    full = size * taps <= FULL_SOLVE_UNKNOWNS
-    big, small = None, None
-    for layer, index in zip(layers, indices):
-        b, s = _entry_equations(layer, index, size, taps, full)
-        big, small = (b, s) if big is None else (big + b, small + s)
-    prior = entries.reshape(-1, 1)  # the ridge pulls toward the entries, so unused ones stay as they are
-    if full:
-        return ridge_solve(big, small[:, None], ridge, prior).view(size, taps)
-    strength = ridge * torch.diagonal(big, dim1=1, dim2=2).mean()
-    lhs = big + strength * torch.eye(taps, dtype=big.dtype)
-    return torch.linalg.solve(lhs, small.view(size, taps) + strength * entries)
+    pairs = list(zip(layers, indices))
+    rhs = sum(_entry_rhs(layer, index, size, taps) for layer, index in pairs)
+    blocks = sum(_entry_blocks(layer, index, size, taps) for layer, index in pairs)
+    strength = ridge * torch.diagonal(blocks, dim1=1, dim2=2).mean()  # ridge_solve's: the matrix's diagonal
+    inverse = torch.linalg.inv(blocks + strength * torch.eye(taps, dtype=blocks.dtype))
+    return conjugate_gradient(lambda v: sum(_entry_product(layer, index, v) for layer, index in pairs) + strength * v,
+                              rhs + strength * entries, entries, lambda r: torch.einsum("kab,kb->ka", inverse, r))
 
 
 @torch.no_grad()
