@@ -345,7 +345,7 @@ def test_sweep_rows_of_kernel_codebooks_record_whether_kernels_were_reassigned()
         return _identity(ExportConfig(method="first", options=FirstConfig(**options)))
 
     reassigned = identity(granularity="kernel")
-    assert reassigned["options"] == {"features": "scaled", "allocation": "uniform", "reassign": True}
+    assert reassigned["options"] == {"features": "scaled", "allocation": "uniform", "reassign": True, "residual": False}
     earlier = {**reassigned, "options": {"features": "scaled", "allocation": "uniform"}}
     assert _key(earlier) != _key(reassigned)
     assert _key(identity(granularity="kernel", reassign=False)) not in (_key(reassigned), _key(earlier))

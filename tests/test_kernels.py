@@ -72,22 +72,53 @@ def test_every_scope_shares_one_codebook_of_at_most_k_kernels(model, scope, book
     assert clustered(x).shape == (2, 10) and not torch.equal(clustered(x), model(x))
 
 
+def test_a_residual_codebook_adds_a_second_entry_to_every_kernel(model):
+    """--residual: each kernel is its entry of the codebook plus its entry of a second codebook of as
+    many entries, fit to what the first left over (lower clustering error), where the first does not
+    already hold every kernel; the scope shares both codebooks."""
+    single, single_info = apply_first(model, kernel_config(16, "stage"))
+    clustered, info = apply_first(model, kernel_config(16, "stage", residual=True))
+    convs = codebook_convs(clustered)
+    for record, alone in zip(info["codebooks"], single_info["codebooks"]):
+        assert record["k"] == record["residual_k"] == 16 and record["inertia"] < 0.8 * alone["inertia"]
+    for name, conv in convs.items():
+        assert conv.residual.codebook is convs[f"{scope_key(name, 'stage')}.0.conv1"].residual.codebook
+        kernels = conv.eval().weight.detach().flatten(0, 1).flatten(1)
+        rebuilt = conv.codebook.centroids[conv.index.long()] + conv.residual.codebook.centroids[conv.residual.index.long()]
+        torch.testing.assert_close(kernels, rebuilt.detach())
+    assert distinct_kernels([convs["layer3.1.conv1"]]) > 16  # more kernels than either codebook's entries
+    exact, exact_info = apply_first(model, kernel_config(256, "layer", residual=True))
+    by_layer = {r["codebook"]: r for r in exact_info["codebooks"]}
+    assert by_layer["layer1.0.conv1"]["residual_k"] == 0 and codebook_convs(exact)["layer1.0.conv1"].residual is None
+    assert by_layer["layer3.0.conv2"]["residual_k"] == 256
+
+
 def test_indices_widen_past_256_entries(model):
     clustered, _ = apply_first(model, kernel_config(300, "network"))
     assert {c.index.dtype for c in codebook_convs(clustered).values()} == {torch.int16}
 
 
-@pytest.mark.parametrize("reassign", [True, False])
-def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign):
-    clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign))
-    before = {n: (c.codebook.centroids.detach().clone(), c.index.clone()) for n, c in codebook_convs(clustered).items()}
+@pytest.mark.parametrize("reassign, residual", [(True, False), (False, False), (True, True)])
+def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign, residual):
+    clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign, residual=residual))
+
+    def state(conv):
+        return [(book.centroids.detach().clone(), index.clone()) for book, index in conv.stages()]
+
+    before = {n: state(c) for n, c in codebook_convs(clustered).items()}
     fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
     convs = codebook_convs(clustered)
-    assert all(not torch.equal(before[n][0], c.codebook.centroids) for n, c in convs.items())  # the codebooks trained
-    moved = [not torch.equal(before[n][1], c.index) for n, c in convs.items()]
-    assert any(moved) if reassign else not any(moved)  # kernels changed entries only with reassign
+    for stage in range(1 + residual):
+        after = {n: state(c)[stage] for n, c in convs.items()}
+        assert all(not torch.equal(before[n][stage][0], after[n][0]) for n in convs)  # the codebooks trained
+        moved = [not torch.equal(before[n][stage][1], after[n][1]) for n in convs]
+        assert any(moved) if reassign else not any(moved)  # kernels changed entries only with reassign
     for scope in ("layer1", "layer2", "layer3"):
-        assert distinct_kernels([c for n, c in convs.items() if scope_key(n, "stage") == scope]) <= 8
+        in_scope = [c for n, c in convs.items() if scope_key(n, "stage") == scope]
+        assert distinct_kernels(in_scope) <= 8 ** (1 + residual)
+        for conv in in_scope:  # every kernel still the sum of its entries
+            rebuilt = sum(book.centroids[index.long()] for book, index in conv.stages()).detach()
+            torch.testing.assert_close(conv.eval().weight.detach().flatten(0, 1).flatten(1), rebuilt)
 
 
 def test_reassigning_kernels_follow_their_shadows_while_training(model):
@@ -291,6 +322,39 @@ def test_onnx_file_holds_codebooks_and_indices_on_real_images(tmp_path, baseline
 
 
 @pytest.mark.slow
+def test_residual_codebooks_in_the_onnx_file_on_real_images(tmp_path, baseline_path, data_root):
+    """With --residual the file holds each conv's two indices and its scope's two codebooks, ONNX
+    Runtime folds both Gathers and their sum at load and gives PyTorch's logits, and the refit fits the
+    original outputs better than one codebook of as many entries as the two together."""
+    compressed, result, data = _export(tmp_path, baseline_path, data_root, "r", 8, size=64, scope="layer", residual=True)
+    convs = codebook_convs(compressed.model)
+    residual = [name for name, conv in convs.items() if conv.residual is not None]
+    assert len(residual) == 18 and "conv1" not in residual  # the stem's 48 kernels fit in 64 entries
+    proto = onnx.load(str(result.path))
+    named = result.manifest["initializers"]
+    inits = {named[t.name]: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert [n.op_type for n in proto.graph.node].count("Gather") == 19 + 18
+    assert not any(n.input[1] in named for n in proto.graph.node if n.op_type == "Conv")  # no full conv weight
+    assert sorted(name for name in inits if name.endswith("residual.codebook.centroids")) == \
+        sorted(f"{name}.residual.codebook.centroids" for name in residual)
+    assert all(inits[f"{name}.residual.index"].dtype == np.uint8 for name in residual)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(result.path), opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "Gather" not in optimized and "Cast" not in optimized
+    x = to_tensor(data.test.subset(16, 0).images, compressed.ckpt.mean, compressed.ckpt.std)
+    model = copy.deepcopy(compressed.model)
+    quantize_centroids(model, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model.eval()(x).numpy(), atol=1e-4)
+    single = _export(tmp_path, baseline_path, data_root, "s", 8, size=128, scope="layer")[1].manifest
+    for two, one in zip(result.manifest["reconstruction"], single["reconstruction"]):
+        if two["layers"][0] in residual:
+            assert two["relative_error_after"] < one["relative_error_after"], (two, one)
+
+
+@pytest.mark.slow
 def test_kernel_export_is_deterministic(tmp_path, baseline_path, data_root):
     first = _export(tmp_path, baseline_path, data_root, "a", size=16, scope="network")[1].path
     second = _export(tmp_path, baseline_path, data_root, "b", size=16, scope="network")[1].path
@@ -318,10 +382,16 @@ def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "first", "--codebook-size", "64"],
-     "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
+     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
+     "are options of --granularity kernel"),
     (["--method", "first", "--fixed-index"],
-     "error: --codebook-size, --codebook-scope and --reassign/--fixed-index are options of --granularity kernel"),
+     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
+     "are options of --granularity kernel"),
+    (["--method", "first", "--residual"],
+     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
+     "are options of --granularity kernel"),
     (["--method", "second", "--reassign"], "error: --reassign/--fixed-index is an option of method first, not of second"),
+    (["--method", "second", "--residual"], "error: --residual/--no-residual is an option of method first, not of second"),
 ])
 def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
     result = run_cli("export", *args, "--out", tmp_path / "k.onnx")
@@ -329,12 +399,13 @@ def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
     assert result.stderr.strip() == message and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("size", [6, 40])
-def test_codebook_entries_solve_the_ridge_least_squares(size):
+@pytest.mark.parametrize("size, stages", [(6, 1), (40, 1), (40, 2)])
+def test_codebook_entries_solve_the_ridge_least_squares(size, stages):
     """The entries' solve (conjugate gradients, no matrix formed) gives what ridge_solve gives on the
-    matrix written out from its definition: weight = J entries, J placing each entry at its kernels,
-    so the normal equations are J^T (a^2 x gram per output) J. Two convs share the codebook; the
-    small size has outputs drawing from one entry at several inputs; unused entries stay."""
+    matrix written out from its definition: weight = J entries, J placing each entry at its kernels
+    (a kernel the sum of its stages' entries with a residual codebook), so the normal equations are
+    J^T (a^2 x gram per output) J. Two convs share the codebook; the small size has outputs drawing
+    from one entry at several inputs; unused entries stay."""
     from toolchain.least_squares import normal_equations, ridge_solve
     from toolchain.methods.kernels import _Layer, _solve_entries
     torch.manual_seed(0)
@@ -347,11 +418,12 @@ def test_codebook_entries_solve_the_ridge_least_squares(size):
         gram, cross = normal_equations(conv, x, target)
         layers.append(_Layer("c", conv, gram, cross, target.double().pow(2).sum((0, 2, 3)),
                              torch.rand(out, dtype=torch.float64) + 0.5))
-        indices.append(torch.randint(0, size - 2, (out, 16)))
+        per_stage = (size - 2) // stages  # each stage its own range of entries, the last two unused
+        indices.append(torch.stack([torch.randint(0, per_stage, (out, 16)) + s * per_stage for s in range(stages)], 2))
     entries = torch.randn(size, taps, dtype=torch.float64)
     matrix, rhs = 0, 0
     for layer, index in zip(layers, indices):
-        placing = torch.nn.functional.one_hot(index.flatten(), size).double()  # (kernels, size)
+        placing = torch.nn.functional.one_hot(index, size).double().sum(2).flatten(0, 1)  # (kernels, size)
         j = torch.kron(placing, torch.eye(taps, dtype=torch.float64))  # (kernels * taps, size * taps)
         per_output = torch.block_diag(*[a * layer.gram for a in layer.weight])
         matrix = matrix + j.T @ per_output @ j

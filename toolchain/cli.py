@@ -89,6 +89,11 @@ def kernel_options(command):
              "nearest its trained shadow weights; --fixed-index keeps the entry the refit gave it.  "
              "[default: --reassign]")(command)
     command = click.option(
+        "--residual/--no-residual", default=None,
+        help="Method first, --granularity kernel: a second codebook of as many entries in each scope, fit to what "
+             "the first leaves over; each kernel is the sum of an entry of each (two indices a kernel, the same "
+             "bytes as one codebook of twice the entries, far more kernels it can give).  [default: --no-residual]")(command)
+    command = click.option(
         "--codebook-size", type=CODEBOOK_SIZE,
         help=f"Method first, --granularity kernel: entries per codebook (a uint8 index per kernel up to 256, int16 "
              f"up to {settings.MAX_CODEBOOK}), or a fraction between 0 and 1 of each codebook's kernels (0.25: a "
@@ -223,7 +228,8 @@ def teacher_options(has_no_distill: bool):
 @click.option("--json", "json_out", help="Write the manifest as JSON to PATH ('-' for stdout).")
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
            distill_temperature, centroid_bits,
-           features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, reassign, round_to,
+           features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, reassign, residual,
+           round_to,
            quantize, seed, train_limit, test_limit, out, stage_accuracy, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
@@ -232,7 +238,8 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
     _refuse_options_of_other_methods(method)
 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
-                              codebook_size=codebook_size, codebook_scope=codebook_scope, reassign=reassign)[method]
+                              codebook_size=codebook_size, codebook_scope=codebook_scope, reassign=reassign,
+                              residual=residual)[method]
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,

@@ -49,6 +49,9 @@ class FirstConfig:
     # weights (kernels.CodebookConv2d); False: every kernel keeps the entry the refit gave it.
     # None: True at kernel granularity (the more accurate after fine-tuning, docs/methods.md).
     reassign: bool | None = None
+    # Kernel granularity: a second codebook of as many entries per scope, K-Means fit to what the first
+    # leaves over; each kernel is the sum of its two entries (two indices). None: False.
+    residual: bool | None = None
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
@@ -64,9 +67,9 @@ class FirstConfig:
         if self.granularity not in settings.GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(settings.GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity != "kernel":
-            if self.codebook_size is not None or self.codebook_scope is not None or self.reassign is not None:
-                raise ConfigError("--codebook-size, --codebook-scope and --reassign/--fixed-index are options of "
-                                  "--granularity kernel")
+            if any(v is not None for v in (self.codebook_size, self.codebook_scope, self.reassign, self.residual)):
+                raise ConfigError("--codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual are "
+                                  "options of --granularity kernel")
             return
         if self.allocation != settings.FIRST_ALLOCATIONS[0]:
             raise ConfigError(f"--allocation {self.allocation} sizes filter clusters; not with --granularity kernel")
@@ -76,8 +79,11 @@ class FirstConfig:
             self.codebook_scope = settings.CODEBOOK_SCOPES[0]
         if self.reassign is None:
             self.reassign = True
-        if not isinstance(self.reassign, bool):
-            raise ConfigError(f"reassign is True or False, got {self.reassign!r}")
+        if self.residual is None:
+            self.residual = False
+        for name in ("reassign", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} is True or False, got {getattr(self, name)!r}")
         size = self.codebook_size
         whole = isinstance(size, int) and not isinstance(size, bool)
         if not (whole and 2 <= size <= settings.MAX_CODEBOOK or isinstance(size, float) and 0 < size < 1):
@@ -96,7 +102,8 @@ class FirstConfig:
     def label(self) -> str | None:
         """What names this config's files in place of the ratio: None at filter granularity."""
         if self.granularity == "kernel":
-            return f"kernel-{self.codebook_scope}{self.codebook_size:g}" + ("" if self.reassign else "-fixed")
+            return (f"kernel-{self.codebook_scope}{self.codebook_size:g}" + ("-residual" if self.residual else "")
+                    + ("" if self.reassign else "-fixed"))
         return None
 
 
@@ -217,6 +224,6 @@ def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -
 
 
 IMPLEMENTATION = Implementation(
-    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation", "reassign"),
+    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation", "reassign", "residual"),
     stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids, four_bit=int4_tables,
     trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,), strip=drop_shadows)

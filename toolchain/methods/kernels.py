@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..least_squares import batched, conjugate_gradient, normal_equations, ridge_solve
 from ..models import CifarResNet, bn_affine, set_bn_affine
 from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
-from .shared_tables import SharedTable, nearest_rows, through_shadow
+from .shared_tables import SharedTable, averaged_rows, nearest_rows
 
 
 class Codebook(SharedTable):
@@ -42,21 +42,39 @@ def index_dtype(size: int) -> torch.dtype:
     return torch.uint8 if size <= 256 else torch.int16
 
 
-class CodebookConv2d(nn.Module):
-    """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook."""
+class Residual(nn.Module):
+    """A second codebook (shared as the first) and an index into it: each kernel is its entry of the
+    first codebook plus its entry of this one, which K-Means fit to what the first left over."""
 
-    def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor, reassign: bool = False):
+    def __init__(self, codebook: Codebook, index: torch.Tensor):
+        super().__init__()
+        self.codebook = codebook
+        self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+
+
+class CodebookConv2d(nn.Module):
+    """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook, plus, with a
+    `residual`, entries of a second one."""
+
+    def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor, reassign: bool = False,
+                 residual: Residual | None = None):
         super().__init__()
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attr, getattr(conv, attr))
         self.codebook = codebook  # the same module in every conv of the scope
         self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+        self.residual = residual
         # With `reassign`, the kernels as trainable shadow weights: each training step gives every
         # kernel the entry nearest its shadow (start_shadow sets them to the kernels as they are).
         self.shadow = nn.Parameter(self._kernels(rounded=False).detach().clone()) if reassign else None
 
+    def stages(self) -> list[tuple[Codebook, torch.Tensor]]:
+        """(codebook, index) whose entries add up to the kernels: the codebook's, then the residual's."""
+        return [(self.codebook, self.index)] + ([(self.residual.codebook, self.residual.index)] if self.residual else [])
+
     def _kernels(self, rounded: bool = True) -> torch.Tensor:
-        return self.codebook.table(rounded).index_select(0, self.index.int())  # Gather wants int32/int64 indices
+        # Gather wants int32/int64 indices
+        return sum(book.table(rounded).index_select(0, index.int()) for book, index in self.stages())
 
     @torch.no_grad()
     def start_shadow(self) -> None:
@@ -68,9 +86,14 @@ class CodebookConv2d(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if self.training and self.shadow is not None:
-            # the unrounded entries: codes can round several entries to one, and argmin would take the first
-            self.index.copy_(nearest_rows(self.shadow, self.codebook.table(rounded=False)))
-            kernels = through_shadow(self.codebook.table(), self.index.long(), self.shadow)
+            kernels, left = 0, self.shadow.detach()
+            for book, index in self.stages():  # each stage's entry nearest what the stages before left over
+                # the unrounded entries: codes can round several entries to one, and argmin would take the first
+                entries = book.table(rounded=False)
+                index.copy_(nearest_rows(left, entries))
+                left = left - entries.detach()[index.long()]
+                kernels = kernels + averaged_rows(book.table(), index.long())
+            kernels = kernels + (self.shadow - self.shadow.detach())  # the kernels' gradient straight to the shadows
         else:
             kernels = self._kernels()
         return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
@@ -79,7 +102,8 @@ class CodebookConv2d(nn.Module):
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, codebook={len(self.codebook.centroids)}"
+        sizes = "+".join(str(len(book.centroids)) for book, _ in self.stages())
+        return f"{self.in_channels}, {self.out_channels}, codebook={sizes}"
 
 
 def scope_key(name: str, scope: str) -> str:
@@ -124,21 +148,28 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
     for key, convs in scopes.items():
         inputs = [_kernel_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
         vectors, weights = np.concatenate([v for v, _ in inputs]), np.concatenate([w for _, w in inputs])
-        result = kmeans(vectors, codebook_entries(cfg.codebook_size, len(vectors)), cfg.seed, cfg.n_init, weights)
-        codebook = Codebook(torch.from_numpy(result.centroids).float())
+        entries = codebook_entries(cfg.codebook_size, len(vectors))
+        stages = [kmeans(vectors, entries, cfg.seed, cfg.n_init, weights)]
+        if cfg.residual and entries < len(vectors):  # (a codebook of every kernel leaves nothing over)
+            stages.append(kmeans(vectors - stages[0].centroids[stages[0].assignment], entries, cfg.seed, cfg.n_init,
+                                 weights))
+        books = [Codebook(torch.from_numpy(stage.centroids).float()) for stage in stages]
         start = 0
         for name, conv, bn in convs:
             count = conv.out_channels * conv.in_channels
-            index = result.assignment[start:start + count]
+            indices = [stage.assignment[start:start + count] for stage in stages]
             start += count
             if cfg.features == "scaled" and bn is not None:
-                rebuilt = result.centroids[index].reshape(conv.out_channels, -1)
-                fold_filter_scales(conv, bn, rebuilt, np.arange(conv.out_channels))
-            set_module(model, name, CodebookConv2d(conv, codebook, torch.from_numpy(index), cfg.reassign))
+                rebuilt = sum(stage.centroids[index] for stage, index in zip(stages, indices))
+                fold_filter_scales(conv, bn, rebuilt.reshape(conv.out_channels, -1), np.arange(conv.out_channels))
+            residual = Residual(books[1], torch.from_numpy(indices[1])) if len(stages) > 1 else None
+            set_module(model, name, CodebookConv2d(conv, books[0], torch.from_numpy(indices[0]), cfg.reassign, residual))
         records.append({"codebook": key, "layers": [name for name, _, _ in convs], "kernels": len(vectors),
-                        "k": len(result.centroids), "inertia": result.inertia})
+                        "k": len(stages[0].centroids), "residual_k": len(stages[1].centroids) if len(stages) > 1 else 0,
+                        "inertia": stages[-1].inertia})
     return model, {"codebooks": records, "first": {"granularity": "kernel", "codebook_size": cfg.codebook_size,
                                                    "codebook_scope": cfg.codebook_scope, "features": cfg.features, "reassign": cfg.reassign,
+                                                   "residual": cfg.residual,
                                                    "n_init": cfg.n_init}}
 
 
@@ -175,8 +206,11 @@ class _Layer:
         return g[torch.arange(cin), :, torch.arange(cin), :]
 
 
+# In the refit, the entries of a conv's codebooks (the codebook, and the residual's after it) are one
+# table, and its index is (out, in, stages) into that table: a kernel is the sum of its stages' entries.
+
 def _rebuilt(entries: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return entries[index].flatten(1)  # (out, in, taps) -> (out, in * taps)
+    return entries[index].sum(2).flatten(1)  # (out, in, stages, taps) -> (out, in * taps)
 
 
 def _assign(layer: _Layer, entries: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -191,31 +225,47 @@ def _assign(layer: _Layer, entries: torch.Tensor, best: torch.Tensor) -> torch.T
     return cost.argmin(2)
 
 
+def _assign_stages(layer: _Layer, entries: torch.Tensor, bounds: list[tuple[int, int]], best: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+    """`_assign` for each stage in turn, within its own entries (bounds), its target what the other
+    stages' entries leave of the best weight."""
+    index = index.clone()
+    w = best.view(*index.shape[:2], -1)  # (out, in, taps)
+    for stage, (start, end) in enumerate(bounds):
+        others = entries[index].sum(2) - entries[index[..., stage]]
+        index[..., stage] = _assign(layer, entries[start:end], (w - others).flatten(1)) + start
+    return index
+
+
 def _entry_rhs(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:
-    """(size, taps): the right-hand side of the layer's normal equations in its codebook's entries:
-    output o's weight is entries[index[o, c]] for every input c, so the terms of all (o, c) drawing
-    from one entry add up, each output's counted a_o^2."""
-    out, cin = index.shape
-    per_kernel = layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None]
+    """(size, taps): the right-hand side of the layer's normal equations in its codebooks' entries:
+    output o's weight is the sum of entries[index[o, c, :]] for every input c, so the terms of all
+    (o, c) drawing from one entry add up, each output's counted a_o^2."""
+    out, cin, stages = index.shape
+    per_kernel = (layer.cross.T.reshape(out, cin, 1, taps) * layer.weight[:, None, None, None]).expand(-1, -1, stages, -1)
     return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), per_kernel.reshape(-1, taps))
 
 
 def _entry_product(layer: _Layer, index: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
     """The layer's normal-equation matrix times `entries` (size, taps), without forming the matrix:
     the weight the entries make, through the patches' second moments, summed back onto the entries."""
-    size, taps = entries.shape
+    (out, cin, stages), (size, taps) = index.shape, entries.shape
     product = (_rebuilt(entries, index) @ layer.gram) * layer.weight[:, None]  # (out, in * taps)
-    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), product.view(-1, taps))
+    per_kernel = product.view(out, cin, 1, taps).expand(-1, -1, stages, -1)
+    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), per_kernel.reshape(-1, taps))
 
 
 def _entry_blocks(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:
     """(size, taps, taps): each entry's own diagonal block of the layer's normal-equation matrix (an
-    output drawing from one entry at several inputs adds their cross moments too)."""
-    cin = index.shape[1]
-    same = (index[:, :, None] == index[:, None, :]).double() * layer.weight[:, None, None]  # (out, in, in)
-    per_kernel = torch.einsum("ocd,cadb->ocab", same, layer.gram.view(cin, taps, cin, taps))  # (out, in, taps, taps)
-    return torch.zeros(size, taps, taps, dtype=torch.float64).index_add_(0, index.flatten(),
-                                                                         per_kernel.reshape(-1, taps, taps))
+    output drawing from one entry at several inputs adds their cross moments too). Each stage of an
+    input counts as an input of its own, with that input's moments."""
+    out, cin, stages = index.shape
+    slots = index.reshape(out, cin * stages)
+    same = (slots[:, :, None] == slots[:, None, :]).double() * layer.weight[:, None, None]  # (out, slots, slots)
+    gram = layer.gram.view(cin, 1, taps, cin, 1, taps).expand(-1, stages, -1, -1, stages, -1)
+    per_slot = torch.einsum("ocd,cadb->ocab", same, gram.reshape(cin * stages, taps, cin * stages, taps))
+    return torch.zeros(size, taps, taps, dtype=torch.float64).index_add_(0, slots.flatten(),
+                                                                         per_slot.reshape(-1, taps, taps))
 
 
 def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -233,18 +283,42 @@ def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: t
                               rhs + strength * entries, entries, lambda r: torch.einsum("kab,kb->ka", inverse, r))
 
 
-@torch.no_grad()
-def _solve_codebook(book: Codebook, layers: list[_Layer], ridge: float) -> None:
-    """The entries of one codebook solved for the convs so far, their indices kept."""
-    indices = [layer.conv.index.long().view(layer.conv.out_channels, -1) for layer in layers]
-    book.centroids.copy_(_solve_entries(layers, indices, book.centroids.detach().double(), ridge).float())
+class _Table:
+    """The codebooks a scope's convs draw from (the codebook, and the residual's) as one table of
+    entries, and each conv's index into it, (out, in, stages)."""
+
+    def __init__(self, conv: CodebookConv2d):
+        self.books = [book for book, _ in conv.stages()]
+        sizes = [len(book.centroids) for book in self.books]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.bounds = [(start, start + size) for start, size in zip(starts, sizes)]
+
+    def entries(self) -> torch.Tensor:
+        return torch.cat([book.centroids.detach().double() for book in self.books])
+
+    def index(self, conv: CodebookConv2d) -> torch.Tensor:
+        return torch.stack([index.long().view(conv.out_channels, -1) + start
+                            for (_, index), (start, _) in zip(conv.stages(), self.bounds)], 2)
+
+    def set(self, entries: torch.Tensor, layers: list[_Layer] = (), indices: list[torch.Tensor] = ()) -> None:
+        for book, (start, end) in zip(self.books, self.bounds):
+            book.centroids.copy_(entries[start:end].float())
+        for layer, index in zip(layers, indices):
+            for stage, ((_, buffer), (start, _)) in enumerate(zip(layer.conv.stages(), self.bounds)):
+                buffer.copy_((index[..., stage] - start).flatten().to(buffer.dtype))
 
 
 @torch.no_grad()
-def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: float) -> dict:
-    """Reassign (`rounds` times) and solve the entries of one codebook; sets them and the convs' indices."""
-    entries = book.centroids.detach().double()
-    indices = [layer.conv.index.long().view(layer.conv.out_channels, -1) for layer in layers]
+def _solve_codebook(table: _Table, layers: list[_Layer], ridge: float) -> None:
+    """The entries of one scope's codebooks solved for the convs so far, their indices kept."""
+    table.set(_solve_entries(layers, [table.index(layer.conv) for layer in layers], table.entries(), ridge))
+
+
+@torch.no_grad()
+def _refit_codebook(table: _Table, layers: list[_Layer], rounds: int, ridge: float) -> dict:
+    """Reassign (`rounds` times) and solve the entries of one scope's codebooks; sets them and the convs' indices."""
+    entries = table.entries()
+    indices = [table.index(layer.conv) for layer in layers]
 
     def error(e, idx):
         return sum(layer.error(_rebuilt(e, i)) for layer, i in zip(layers, idx))
@@ -253,11 +327,9 @@ def _refit_codebook(book: Codebook, layers: list[_Layer], rounds: int, ridge: fl
     before = error(entries, indices)
     best = [layer.best_weight(ridge) for layer in layers]
     for _ in range(rounds):  # each round ends on a solve: another with the same indices would barely move the entries
-        indices = [_assign(layer, entries, w) for layer, w in zip(layers, best)]
+        indices = [_assign_stages(layer, entries, table.bounds, w, i) for layer, w, i in zip(layers, best, indices)]
         entries = _solve_entries(layers, indices, entries, ridge)
-    book.centroids.copy_(entries.float())
-    for layer, index in zip(layers, indices):
-        layer.conv.index.copy_(index.flatten().to(layer.conv.index.dtype))
+    table.set(entries, layers, indices)
     return {"layers": [layer.name for layer in layers], "relative_error_before": before / norm,
             "relative_error_after": error(entries, indices) / norm,
             "entries_used": int(torch.cat([i.flatten() for i in indices]).unique().numel())}
@@ -292,9 +364,9 @@ def refit_codebooks(model: CifarResNet, original: CifarResNet, images: torch.Ten
         if last[id(conv.codebook)] == name:
             layers = pending.pop(id(conv.codebook))
             default_rounds = 3 if len(layers) > 1 else 2
-            records.append(_refit_codebook(conv.codebook, layers, default_rounds if rounds is None else rounds, ridge))
+            records.append(_refit_codebook(_Table(conv), layers, default_rounds if rounds is None else rounds, ridge))
         else:  # the convs after this one in the scope see its output with the entries fit so far
-            _solve_codebook(conv.codebook, pending[id(conv.codebook)], ridge)
+            _solve_codebook(_Table(conv), pending[id(conv.codebook)], ridge)
     convs_of = Counter(id(modules[name].codebook) for name in names)
     correct_channels(model, original, [n for n in names if convs_of[id(modules[n].codebook)] > 1], images, batch_size)
     for name in names:

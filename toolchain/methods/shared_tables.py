@@ -91,15 +91,21 @@ def nearest_rows(shadow: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.cdist(shadow.double().reshape(len(shadow), -1), table.double().reshape(len(table), -1)).argmin(1)
 
 
-def through_shadow(table: torch.Tensor, index: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
-    """table[index] in the forward pass, for weights just assigned to their nearest row (TFMOT's
-    clustering wrapper): the gradient reaches each row averaged over the weights that use it (TFMOT's
-    `GradientAggregation.AVG`; summed, a row shared by thousands of weights takes steps thousands of
-    times too large under SGD) and, straight through, the shadow weights, which keep every small step
-    until one carries a weight over to another row."""
+def averaged_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index], with the gradient reaching each row averaged over the weights that use it
+    (TFMOT's `GradientAggregation.AVG`; summed, a row shared by thousands of weights takes steps
+    thousands of times too large under SGD)."""
     members = torch.bincount(index, minlength=len(table)).clamp_min(1).view(-1, *([1] * (table.ndim - 1)))
     averaged = table.detach() + (table - table.detach()) / members
-    return averaged[index] + (shadow - shadow.detach())
+    return averaged[index]
+
+
+def through_shadow(table: torch.Tensor, index: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+    """table[index] in the forward pass, for weights just assigned to their nearest row (TFMOT's
+    clustering wrapper): the gradient reaches each row averaged over its weights (`averaged_rows`)
+    and, straight through, the shadow weights, which keep every small step until one carries a
+    weight over to another row."""
+    return averaged_rows(table, index) + (shadow - shadow.detach())
 
 
 def train_quantized(model: nn.Module, bits: int) -> None:
