@@ -51,6 +51,7 @@ def test_a_fraction_sizes_each_codebook_by_its_kernels(model):
         assert conv.index.dtype == (torch.uint8 if record["k"] <= 256 else torch.int16)
     assert sorted({r["k"] for r in info["codebooks"]}) == [12, 64, 128, 256, 512, 1024]
     assert (codebook_entries(256, 100), codebook_entries(0.001, 100), codebook_entries(0.5, 3)) == (100, 2, 2)
+    assert (codebook_entries(0.07, 100), codebook_entries(0.55, 1840)) == (7, 1012)  # not 7.000000000000001 rounded up
     with pytest.raises(ConfigError, match="beyond the int16 index's 32767"):
         codebook_entries(0.9, 40000)
 
@@ -147,6 +148,24 @@ def test_reassigning_kernels_follow_their_shadows_while_training(model):
     drop_shadows(clustered)
     assert conv.shadow is None and not any("shadow" in n for n, _ in clustered.named_parameters())
     torch.testing.assert_close(conv.train()(x), trained)  # without shadows the entries stay fixed
+
+
+def test_reassigning_with_a_residual_starts_each_kernel_at_its_own_pair(model):
+    """With a residual the greedy nearest pair (first entry, then residual entry) is often not the pair
+    a kernel has, nor as near its shadow: training must start from the kernels as they are, and a
+    shadow moved near another pair takes that pair."""
+    clustered, _ = apply_first(model, kernel_config(32, "layer", residual=True, reassign=True))
+    conv = codebook_convs(clustered)["layer2.1.conv1"]
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    start, index = conv.eval()(x).detach(), [i.clone() for _, i in conv.stages()]
+    torch.testing.assert_close(conv.train()(x), start)
+    assert all(torch.equal(i, j) for i, (_, j) in zip(index, conv.stages()))
+    first, second = (book.centroids.detach() for book, _ in conv.stages())
+    target = (int((index[0][0] + 1) % 32), int((index[1][0] + 1) % 32))
+    with torch.no_grad():
+        conv.shadow[0] = first[target[0]] + second[target[1]]
+    conv.weight
+    assert (int(conv.index[0]), int(conv.residual.index[0])) != (int(index[0][0]), int(index[1][0]))
 
 
 @pytest.mark.parametrize("bits, apart", [(4, 1e-4), (None, 1e-6)])

@@ -86,17 +86,37 @@ class CodebookConv2d(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if self.training and self.shadow is not None:
-            kernels, left = 0, self.shadow.detach()
-            for book, index in self.stages():  # each stage's entry nearest what the stages before left over
-                # the unrounded entries: codes can round several entries to one, and argmin would take the first
-                entries = book.table(rounded=False)
-                index.copy_(nearest_rows(left, entries))
-                left = left - entries.detach()[index.long()]
-                kernels = kernels + averaged_rows(book.table(), index.long())
+            stages = self.stages()
+            indices = self._nearest_entries(stages)
+            for (_, index), nearest in zip(stages, indices):
+                index.copy_(nearest)
+            kernels = sum(averaged_rows(book.table(), index) for (book, _), index in zip(stages, indices))
             kernels = kernels + (self.shadow - self.shadow.detach())  # the kernels' gradient straight to the shadows
         else:
             kernels = self._kernels()
         return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @torch.no_grad()
+    def _nearest_entries(self, stages) -> list[torch.Tensor]:
+        """Each kernel's entries for its shadow: each stage's entry nearest what the stages before left
+        over. With a residual that greedy pair can be farther from the shadow than the pair the kernel
+        has (the refit's, which training starts from), so a kernel keeps its pair unless the new one is
+        nearer. The unrounded entries: codes can round several entries to one, and argmin would take the first."""
+        tables = [book.table(rounded=False).detach().double() for book, _ in stages]
+        target = self.shadow.detach().double()
+        greedy, left = [], target
+        for table in tables:
+            greedy.append(nearest_rows(left, table))
+            left = left - table[greedy[-1]]
+        if len(stages) == 1:
+            return greedy  # the nearest entry: a shadow on its entry finds it
+
+        def distance(indices):
+            return (target - sum(table[i] for table, i in zip(tables, indices))).pow(2).sum(1)
+
+        current = [index.long() for _, index in stages]
+        keep = distance(current) <= distance(greedy)
+        return [torch.where(keep, c, g) for c, g in zip(current, greedy)]
 
     def forward(self, x):
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
@@ -127,7 +147,8 @@ def _kernel_inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, features: str):
 def codebook_entries(size: int | float, kernels: int) -> int:
     """How many entries a codebook over `kernels` kernels gets: `size` (at most one per kernel) or, for a
     fraction, that share of its kernels rounded up."""
-    entries = min(size, kernels) if isinstance(size, int) else min(kernels, max(2, math.ceil(size * kernels)))
+    # (rounded first: 0.07 x 100 is 7.000000000000001 in floating point)
+    entries = min(size, kernels) if isinstance(size, int) else min(kernels, max(2, math.ceil(round(size * kernels, 9))))
     if entries > settings.MAX_CODEBOOK:
         raise ConfigError(f"a codebook of {entries} entries (a fraction {size:g} of {kernels} kernels) is beyond "
                           f"the int16 index's {settings.MAX_CODEBOOK}: give a smaller fraction or a number")
