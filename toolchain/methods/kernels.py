@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..least_squares import batched, conjugate_gradient, normal_equations, ridge_solve
 from ..models import CifarResNet, bn_affine, set_bn_affine
 from .convs import bn_after, clusterable_convs, clustering_inputs, conv_targets, fold_filter_scales, set_module
-from .shared_tables import SharedTable, averaged_rows, nearest_rows
+from .shared_tables import SharedTable, nearest_rows, through_shadow
 
 
 class Codebook(SharedTable):
@@ -42,6 +42,11 @@ def index_dtype(size: int) -> torch.dtype:
     return torch.uint8 if size <= 256 else torch.int16
 
 
+def index_buffer(index: torch.Tensor, codebook: Codebook) -> torch.Tensor:
+    """A conv's index into a codebook, one per kernel, as narrow as the codebook allows."""
+    return index.flatten().to(index_dtype(len(codebook.centroids)))
+
+
 class Residual(nn.Module):
     """A second codebook (shared as the first) and an index into it: each kernel is its entry of the
     first codebook plus its entry of this one, which K-Means fit to what the first left over."""
@@ -49,7 +54,7 @@ class Residual(nn.Module):
     def __init__(self, codebook: Codebook, index: torch.Tensor):
         super().__init__()
         self.codebook = codebook
-        self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+        self.register_buffer("index", index_buffer(index, codebook))
 
 
 class CodebookConv2d(nn.Module):
@@ -62,7 +67,7 @@ class CodebookConv2d(nn.Module):
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attr, getattr(conv, attr))
         self.codebook = codebook  # the same module in every conv of the scope
-        self.register_buffer("index", index.flatten().to(index_dtype(len(codebook.centroids))))
+        self.register_buffer("index", index_buffer(index, codebook))
         self.residual = residual
         # With `reassign`, the kernels as trainable shadow weights: each training step gives every
         # kernel the entry nearest its shadow (start_shadow sets them to the kernels as they are).
@@ -90,8 +95,7 @@ class CodebookConv2d(nn.Module):
             indices = self._nearest_entries(stages)
             for (_, index), nearest in zip(stages, indices):
                 index.copy_(nearest)
-            kernels = sum(averaged_rows(book.table(), index) for (book, _), index in zip(stages, indices))
-            kernels = kernels + (self.shadow - self.shadow.detach())  # the kernels' gradient straight to the shadows
+            kernels = through_shadow([(book.table(), index) for (book, _), index in zip(stages, indices)], self.shadow)
         else:
             kernels = self._kernels()
         return kernels.view(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
@@ -258,22 +262,28 @@ def _assign_stages(layer: _Layer, entries: torch.Tensor, bounds: list[tuple[int,
     return index
 
 
+def _onto_entries(per_kernel: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """(size, taps): per-kernel terms (out, in, taps) summed onto the entries each kernel draws from
+    (every stage's: the kernel is their sum, so each gets the kernel's whole term)."""
+    stages, taps = index.shape[2], per_kernel.shape[2]
+    terms = per_kernel[:, :, None].expand(-1, -1, stages, -1).reshape(-1, taps)
+    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), terms)
+
+
 def _entry_rhs(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:
     """(size, taps): the right-hand side of the layer's normal equations in its codebooks' entries:
     output o's weight is the sum of entries[index[o, c, :]] for every input c, so the terms of all
     (o, c) drawing from one entry add up, each output's counted a_o^2."""
-    out, cin, stages = index.shape
-    per_kernel = (layer.cross.T.reshape(out, cin, 1, taps) * layer.weight[:, None, None, None]).expand(-1, -1, stages, -1)
-    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), per_kernel.reshape(-1, taps))
+    out, cin, _ = index.shape
+    return _onto_entries(layer.cross.T.reshape(out, cin, taps) * layer.weight[:, None, None], index, size)
 
 
 def _entry_product(layer: _Layer, index: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
     """The layer's normal-equation matrix times `entries` (size, taps), without forming the matrix:
     the weight the entries make, through the patches' second moments, summed back onto the entries."""
-    (out, cin, stages), (size, taps) = index.shape, entries.shape
+    out, cin, _ = index.shape
     product = (_rebuilt(entries, index) @ layer.gram) * layer.weight[:, None]  # (out, in * taps)
-    per_kernel = product.view(out, cin, 1, taps).expand(-1, -1, stages, -1)
-    return torch.zeros(size, taps, dtype=torch.float64).index_add_(0, index.flatten(), per_kernel.reshape(-1, taps))
+    return _onto_entries(product.view(out, cin, -1), index, len(entries))
 
 
 def _entry_blocks(layer: _Layer, index: torch.Tensor, size: int, taps: int) -> torch.Tensor:

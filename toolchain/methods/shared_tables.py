@@ -100,12 +100,12 @@ def averaged_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return averaged[index]
 
 
-def through_shadow(table: torch.Tensor, index: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
-    """table[index] in the forward pass, for weights just assigned to their nearest row (TFMOT's
-    clustering wrapper): the gradient reaches each row averaged over its weights (`averaged_rows`)
-    and, straight through, the shadow weights, which keep every small step until one carries a
-    weight over to another row."""
-    return averaged_rows(table, index) + (shadow - shadow.detach())
+def through_shadow(rows: list[tuple[torch.Tensor, torch.Tensor]], shadow: torch.Tensor) -> torch.Tensor:
+    """The sum of table[index] over `rows` (one pair, or a kernel's codebook and residual) in the
+    forward pass, for weights just assigned to their nearest rows (TFMOT's clustering wrapper): the
+    gradient reaches each row averaged over its weights (`averaged_rows`) and, straight through, the
+    shadow weights, which keep every small step until one carries a weight over to another row."""
+    return sum(averaged_rows(table, index) for table, index in rows) + (shadow - shadow.detach())
 
 
 def train_quantized(model: nn.Module, bits: int) -> None:

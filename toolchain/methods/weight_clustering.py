@@ -63,7 +63,7 @@ class ClusteredConv2d(nn.Module):
         if self.training and self.shadow is not None:
             # every weight to its nearest value, as TFMOT does at each step
             self.index.copy_(nearest_rows(self.shadow.flatten(), self.values))
-            return through_shadow(self.values, self.index.long(), self.shadow.flatten()).view(self.shape)
+            return through_shadow([(self.values, self.index.long())], self.shadow.flatten()).view(self.shape)
         return self.values.index_select(0, self.index.int()).view(self.shape)  # Gather wants int32/int64
 
     def forward(self, x):
