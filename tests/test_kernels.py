@@ -83,15 +83,28 @@ def test_a_residual_codebook_adds_a_second_entry_to_every_kernel(model):
     for record, alone in zip(info["codebooks"], single_info["codebooks"]):
         assert record["k"] == record["residual_k"] == 16 and record["inertia"] < 0.8 * alone["inertia"]
     for name, conv in convs.items():
-        assert conv.residual.codebook is convs[f"{scope_key(name, 'stage')}.0.conv1"].residual.codebook
+        assert conv.residuals[0].codebook is convs[f"{scope_key(name, 'stage')}.0.conv1"].residuals[0].codebook
         kernels = conv.eval().weight.detach().flatten(0, 1).flatten(1)
-        rebuilt = conv.codebook.centroids[conv.index.long()] + conv.residual.codebook.centroids[conv.residual.index.long()]
+        rebuilt = sum(book.centroids[index.long()] for book, index in conv.stages())
         torch.testing.assert_close(kernels, rebuilt.detach())
     assert distinct_kernels([convs["layer3.1.conv1"]]) > 16  # more kernels than either codebook's entries
     exact, exact_info = apply_first(model, kernel_config(256, "layer", residual=True))
     by_layer = {r["codebook"]: r for r in exact_info["codebooks"]}
-    assert by_layer["layer1.0.conv1"]["residual_k"] == 0 and codebook_convs(exact)["layer1.0.conv1"].residual is None
+    assert by_layer["layer1.0.conv1"]["residual_k"] == 0 and not codebook_convs(exact)["layer1.0.conv1"].residuals
     assert by_layer["layer3.0.conv2"]["residual_k"] == 256
+
+
+def test_each_residual_codebook_adds_an_entry_to_every_kernel(model):
+    """--residual-codebooks 2: three codebooks a scope, each fit to what those before left (the
+    clustering error falls with each), and each kernel the sum of its three entries."""
+    one, one_info = apply_first(model, kernel_config(16, "stage", residual=True))
+    two, info = apply_first(model, kernel_config(16, "stage", residual_codebooks=2))
+    for record, fewer in zip(info["codebooks"], one_info["codebooks"]):
+        assert record["residual_codebooks"] == 2 and record["inertia"] < 0.9 * fewer["inertia"]
+    for conv in codebook_convs(two).values():
+        assert len(conv.stages()) == 3
+        rebuilt = sum(book.centroids[index.long()] for book, index in conv.stages()).detach()
+        torch.testing.assert_close(conv.eval().weight.detach().flatten(0, 1).flatten(1), rebuilt)
 
 
 def test_indices_widen_past_256_entries(model):
@@ -99,24 +112,27 @@ def test_indices_widen_past_256_entries(model):
     assert {c.index.dtype for c in codebook_convs(clustered).values()} == {torch.int16}
 
 
-@pytest.mark.parametrize("reassign, residual", [(True, False), (False, False), (True, True)])
-def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign, residual):
-    clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign, residual=residual))
+@pytest.mark.parametrize("reassign, residuals", [(True, 0), (False, 0), (True, 1), (True, 2)])
+def test_finetuning_trains_the_codebook_and_keeps_kernels_shared(model, train_split, reassign, residuals):
+    clustered, _ = apply_first(model, kernel_config(8, "stage", reassign=reassign, residual=residuals > 0,
+                                                    residual_codebooks=residuals or None))
 
     def state(conv):
         return [(book.centroids.detach().clone(), index.clone()) for book, index in conv.stages()]
 
     before = {n: state(c) for n, c in codebook_convs(clustered).items()}
-    fit(clustered, train_split.subset(256), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
+    # (8 steps: with three codebooks a kernel must move further before another combination is nearer)
+    fit(clustered, train_split.subset(512), None, TrainConfig(epochs=1, batch_size=64, lr=0.05), log=lambda _: None)
     convs = codebook_convs(clustered)
-    for stage in range(1 + residual):
+    assert all(len(c.stages()) == 1 + residuals for c in convs.values())
+    for stage in range(1 + residuals):
         after = {n: state(c)[stage] for n, c in convs.items()}
         assert all(not torch.equal(before[n][stage][0], after[n][0]) for n in convs)  # the codebooks trained
         moved = [not torch.equal(before[n][stage][1], after[n][1]) for n in convs]
         assert any(moved) if reassign else not any(moved)  # kernels changed entries only with reassign
     for scope in ("layer1", "layer2", "layer3"):
         in_scope = [c for n, c in convs.items() if scope_key(n, "stage") == scope]
-        assert distinct_kernels(in_scope) <= 8 ** (1 + residual)
+        assert distinct_kernels(in_scope) <= 8 ** (1 + residuals)
         for conv in in_scope:  # every kernel still the sum of its entries
             rebuilt = sum(book.centroids[index.long()] for book, index in conv.stages()).detach()
             torch.testing.assert_close(conv.eval().weight.detach().flatten(0, 1).flatten(1), rebuilt)
@@ -150,22 +166,38 @@ def test_reassigning_kernels_follow_their_shadows_while_training(model):
     torch.testing.assert_close(conv.train()(x), trained)  # without shadows the entries stay fixed
 
 
-def test_reassigning_with_a_residual_starts_each_kernel_at_its_own_pair(model):
-    """With a residual the greedy nearest pair (first entry, then residual entry) is often not the pair
-    a kernel has, nor as near its shadow: training must start from the kernels as they are, and a
-    shadow moved near another pair takes that pair."""
-    clustered, _ = apply_first(model, kernel_config(32, "layer", residual=True, reassign=True))
+@pytest.mark.parametrize("residuals", [1, 2])
+def test_reassigning_with_a_residual_starts_each_kernel_at_its_own_pair(model, residuals):
+    """With residuals the greedy nearest combination (first entry, then residual entries) is often not
+    the one a kernel has, nor as near its shadow: training must start from the kernels as they are, and
+    a shadow moved near another pair takes that pair."""
+    clustered, _ = apply_first(model, kernel_config(32, "layer", residual_codebooks=residuals, reassign=True))
     conv = codebook_convs(clustered)["layer2.1.conv1"]
     x = torch.randn(2, conv.in_channels, 8, 8)
     start, index = conv.eval()(x).detach(), [i.clone() for _, i in conv.stages()]
     torch.testing.assert_close(conv.train()(x), start)
     assert all(torch.equal(i, j) for i, (_, j) in zip(index, conv.stages()))
-    first, second = (book.centroids.detach() for book, _ in conv.stages())
-    target = (int((index[0][0] + 1) % 32), int((index[1][0] + 1) % 32))
+    books = [book.centroids.detach() for book, _ in conv.stages()]
     with torch.no_grad():
-        conv.shadow[0] = first[target[0]] + second[target[1]]
+        conv.shadow[0] = sum(book[(int(i[0]) + 1) % 32] for book, i in zip(books, index))  # another combination
     conv.weight
-    assert (int(conv.index[0]), int(conv.residual.index[0])) != (int(index[0][0]), int(index[1][0]))
+    assert [int(i[0]) for _, i in conv.stages()] != [int(i[0]) for i in index]
+
+
+def test_reassigning_with_a_residual_finds_the_pair_at_its_shadow(model):
+    """A shadow moved onto its own first entry plus another residual entry takes exactly that pair, also
+    where the first entry nearest the shadow is another one (the greedy pair would miss it)."""
+    clustered, _ = apply_first(model, kernel_config(32, "layer", residual=True, reassign=True))
+    conv = codebook_convs(clustered)["layer2.1.conv1"]
+    first, second = (book.centroids.detach() for book, _ in conv.stages())
+    own = [int(i[0]) for _, i in conv.stages()]
+    greedy_misses = [j for j in range(len(second)) if j != own[1]
+                     and int(torch.cdist((first[own[0]] + second[j])[None], first).argmin()) != own[0]]
+    assert greedy_misses  # the case this test is about occurs
+    with torch.no_grad():
+        conv.shadow[0] = first[own[0]] + second[greedy_misses[0]]
+    conv.train().weight
+    assert (int(conv.index[0]), int(conv.residuals[0].index[0])) == (own[0], greedy_misses[0])
 
 
 @pytest.mark.parametrize("bits, apart", [(4, 1e-4), (None, 1e-6)])
@@ -347,16 +379,16 @@ def test_residual_codebooks_in_the_onnx_file_on_real_images(tmp_path, baseline_p
     original outputs better than one codebook of as many entries as the two together."""
     compressed, result, data = _export(tmp_path, baseline_path, data_root, "r", 8, size=64, scope="layer", residual=True)
     convs = codebook_convs(compressed.model)
-    residual = [name for name, conv in convs.items() if conv.residual is not None]
+    residual = [name for name, conv in convs.items() if conv.residuals]
     assert len(residual) == 18 and "conv1" not in residual  # the stem's 48 kernels fit in 64 entries
     proto = onnx.load(str(result.path))
     named = result.manifest["initializers"]
     inits = {named[t.name]: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert [n.op_type for n in proto.graph.node].count("Gather") == 19 + 18
     assert not any(n.input[1] in named for n in proto.graph.node if n.op_type == "Conv")  # no full conv weight
-    assert sorted(name for name in inits if name.endswith("residual.codebook.centroids")) == \
-        sorted(f"{name}.residual.codebook.centroids" for name in residual)
-    assert all(inits[f"{name}.residual.index"].dtype == np.uint8 for name in residual)
+    assert sorted(name for name in inits if name.endswith("residuals.0.codebook.centroids")) == \
+        sorted(f"{name}.residuals.0.codebook.centroids" for name in residual)
+    assert all(inits[f"{name}.residuals.0.index"].dtype == np.uint8 for name in residual)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(str(result.path), opts, providers=["CPUExecutionProvider"])
@@ -390,6 +422,9 @@ def test_kernel_export_is_deterministic(tmp_path, baseline_path, data_root):
     (["--codebook-scope", "block"], "error: Invalid value for '--codebook-scope': 'block' is not one of"),
     (["--ratio", "0.3"], "error: --ratio plays no part in first kernel-layer256"),
     (["--quantize", "int8"], "error: --quantize int8 is not available for kernel-layer256 yet"),
+    (["--no-residual", "--residual-codebooks", "2"],
+     "error: --residual-codebooks counts residual codebooks: not with --no-residual"),
+    (["--residual-codebooks", "0"], "error: Invalid value for '--residual-codebooks': 0 is not in the range 1<=x<=7"),
 ])
 def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
     result = run_cli("export", "--method", "first", "--granularity", "kernel", *args, "--finetune-epochs", "0",
@@ -399,18 +434,23 @@ def test_bad_codebook_options_are_one_line_errors(tmp_path, args, start):
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
+KERNEL_ONLY = ("error: --codebook-size, --codebook-scope, --reassign/--fixed-index, --residual/--no-residual and "
+               "--residual-codebooks are options of --granularity kernel")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "first", "--codebook-size", "64"],
-     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
-     "are options of --granularity kernel"),
+     KERNEL_ONLY),
     (["--method", "first", "--fixed-index"],
-     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
-     "are options of --granularity kernel"),
+     KERNEL_ONLY),
     (["--method", "first", "--residual"],
-     "error: --codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual "
-     "are options of --granularity kernel"),
+     KERNEL_ONLY),
     (["--method", "second", "--reassign"], "error: --reassign/--fixed-index is an option of method first, not of second"),
+    (["--method", "first", "--residual-codebooks", "2"],
+     KERNEL_ONLY),
     (["--method", "second", "--residual"], "error: --residual/--no-residual is an option of method first, not of second"),
+    (["--method", "second", "--residual-codebooks", "2"],
+     "error: --residual-codebooks is an option of method first, not of second"),
 ])
 def test_codebook_options_need_kernel_granularity(tmp_path, args, message):
     result = run_cli("export", *args, "--out", tmp_path / "k.onnx")

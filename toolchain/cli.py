@@ -94,6 +94,10 @@ def kernel_options(command):
              "the first leaves over; each kernel is the sum of an entry of each (two indices a kernel, the same "
              "bytes as one codebook of twice the entries, far more kernels it can give).  [default: --no-residual]")(command)
     command = click.option(
+        "--residual-codebooks", type=click.IntRange(1, settings.MAX_RESIDUAL_CODEBOOKS),
+        help="Method first, --residual: how many residual codebooks, each of as many entries, fit to what those "
+             "before leave over (one more index a kernel each; given alone it turns --residual on).  [default: 1]")(command)
+    command = click.option(
         "--codebook-size", type=CODEBOOK_SIZE,
         help=f"Method first, --granularity kernel: entries per codebook (a uint8 index per kernel up to 256, int16 "
              f"up to {settings.MAX_CODEBOOK}), or a fraction between 0 and 1 of each codebook's kernels (0.25: a "
@@ -229,8 +233,7 @@ def teacher_options(has_no_distill: bool):
 def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, no_distill, distill_features,
            distill_temperature, centroid_bits,
            features, allocation, keep, no_reconstruct, granularity, codebook_size, codebook_scope, reassign, residual,
-           round_to,
-           quantize, seed, train_limit, test_limit, out, stage_accuracy, json_out):
+           residual_codebooks, round_to, quantize, seed, train_limit, test_limit, out, stage_accuracy, json_out):
     """Compress a checkpoint, export it to ONNX, check ONNX Runtime against PyTorch, write a manifest."""
     from .distributed import torchrun_world
     from .pipeline import ExportConfig, run_export
@@ -239,7 +242,7 @@ def export(method, ratio, checkpoint, arch, data, finetune_epochs, finetune_lr, 
 
     options = _method_configs([method], features=features, allocation=allocation, keep=keep, granularity=granularity,
                               codebook_size=codebook_size, codebook_scope=codebook_scope, reassign=reassign,
-                              residual=residual)[method]
+                              residual=residual, residual_codebooks=residual_codebooks)[method]
     cfg = ExportConfig(method=method, ratio=ratio, checkpoint=checkpoint, arch=arch, data=data,
                        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=not no_distill,
                        distill_features=distill_features, distill_temperature=distill_temperature,

@@ -77,7 +77,7 @@ METHODS = (
     Method("first", "shared centroid filters: every conv's filters replaced by their clusters' centroids",
            module="toolchain.methods.first",
            options=("centroid_bits", "features", "no_reconstruct", "granularity", "codebook_size", "codebook_scope",
-                    "reassign", "residual"),
+                    "reassign", "residual", "residual_codebooks"),
            peers=("int8-dynamic", "weight-clustering"), compare="size", storage="centroids", peer_plot="peer_size.png"),
     Method("second", "smaller residual blocks: each block's first conv keeps one filter per cluster",
            module="toolchain.methods.second", options=("keep", "round_to", "no_reconstruct"),

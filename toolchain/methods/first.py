@@ -52,6 +52,9 @@ class FirstConfig:
     # Kernel granularity: a second codebook of as many entries per scope, K-Means fit to what the first
     # leaves over; each kernel is the sum of its two entries (two indices). None: False.
     residual: bool | None = None
+    # With residual: how many residual codebooks, each fit to what those before leave over (one index
+    # each per kernel). None: 1.
+    residual_codebooks: int | None = None
 
     def __post_init__(self):
         clusters_for(1, self.ratio)  # validates the ratio
@@ -67,9 +70,10 @@ class FirstConfig:
         if self.granularity not in settings.GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(settings.GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity != "kernel":
-            if any(v is not None for v in (self.codebook_size, self.codebook_scope, self.reassign, self.residual)):
-                raise ConfigError("--codebook-size, --codebook-scope, --reassign/--fixed-index and --residual/--no-residual are "
-                                  "options of --granularity kernel")
+            if any(v is not None for v in (self.codebook_size, self.codebook_scope, self.reassign, self.residual,
+                                           self.residual_codebooks)):
+                raise ConfigError("--codebook-size, --codebook-scope, --reassign/--fixed-index, --residual/--no-residual "
+                                  "and --residual-codebooks are options of --granularity kernel")
             return
         if self.allocation != settings.FIRST_ALLOCATIONS[0]:
             raise ConfigError(f"--allocation {self.allocation} sizes filter clusters; not with --granularity kernel")
@@ -80,10 +84,11 @@ class FirstConfig:
         if self.reassign is None:
             self.reassign = True
         if self.residual is None:
-            self.residual = False
+            self.residual = self.residual_codebooks is not None  # --residual-codebooks alone asks for residuals
         for name in ("reassign", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} is True or False, got {getattr(self, name)!r}")
+        self._resolve_residual_codebooks()
         size = self.codebook_size
         whole = isinstance(size, int) and not isinstance(size, bool)
         if not (whole and 2 <= size <= settings.MAX_CODEBOOK or isinstance(size, float) and 0 < size < 1):
@@ -92,6 +97,18 @@ class FirstConfig:
         if self.codebook_scope not in settings.CODEBOOK_SCOPES:
             raise ConfigError(f"codebook scope must be one of {', '.join(settings.CODEBOOK_SCOPES)}, "
                               f"got {self.codebook_scope!r}")
+
+    def _resolve_residual_codebooks(self) -> None:
+        if not self.residual:
+            if self.residual_codebooks is not None:
+                raise ConfigError("--residual-codebooks counts residual codebooks: not with --no-residual")
+            return
+        if self.residual_codebooks is None:
+            self.residual_codebooks = 1
+        count = self.residual_codebooks
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= settings.MAX_RESIDUAL_CODEBOOKS:
+            raise ConfigError(f"residual codebooks must be a whole number from 1 to {settings.MAX_RESIDUAL_CODEBOOKS}, "
+                              f"got {count!r}")
 
     @property
     def int8_ready(self) -> bool:
@@ -102,7 +119,9 @@ class FirstConfig:
     def label(self) -> str | None:
         """What names this config's files in place of the ratio: None at filter granularity."""
         if self.granularity == "kernel":
-            return (f"kernel-{self.codebook_scope}{self.codebook_size:g}" + ("-residual" if self.residual else "")
+            residual = "" if not self.residual else "-residual" + (
+                f"{self.residual_codebooks}" if self.residual_codebooks > 1 else "")
+            return (f"kernel-{self.codebook_scope}{self.codebook_size:g}" + residual
                     + ("" if self.reassign else "-fixed"))
         return None
 
@@ -224,6 +243,6 @@ def refit(model: CifarResNet, original: CifarResNet, calibration: Calibration) -
 
 
 IMPLEMENTATION = Implementation(
-    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation", "reassign", "residual"),
+    config=FirstConfig, apply=apply_first, refit=refit, option_fields=("features", "allocation", "reassign", "residual", "residual_codebooks"),
     stage="clustered", shared_weights=True, check_bits=check_bits, store_bits=quantize_centroids, four_bit=int4_tables,
     trained_bits=(settings.TRAINED_BITS,), round_in_loop=train_quantized, sweep_bits=(8,), strip=drop_shadows)

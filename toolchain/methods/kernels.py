@@ -47,9 +47,13 @@ def index_buffer(index: torch.Tensor, codebook: Codebook) -> torch.Tensor:
     return index.flatten().to(index_dtype(len(codebook.centroids)))
 
 
+# With residuals: the first entries nearest a kernel's shadow (beside its own) that reassignment tries.
+FIRST_CANDIDATES = 4
+
+
 class Residual(nn.Module):
-    """A second codebook (shared as the first) and an index into it: each kernel is its entry of the
-    first codebook plus its entry of this one, which K-Means fit to what the first left over."""
+    """A residual codebook (shared as the first) and an index into it: each kernel is its entry of the
+    first codebook plus its entry of each residual one, which K-Means fit to what those before left over."""
 
     def __init__(self, codebook: Codebook, index: torch.Tensor):
         super().__init__()
@@ -58,24 +62,24 @@ class Residual(nn.Module):
 
 
 class CodebookConv2d(nn.Module):
-    """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook, plus, with a
-    `residual`, entries of a second one."""
+    """A bias-free Conv2d whose kernels are entries of a (possibly shared) codebook, plus, with
+    `residuals`, an entry of each residual codebook."""
 
     def __init__(self, conv: nn.Conv2d, codebook: Codebook, index: torch.Tensor, reassign: bool = False,
-                 residual: Residual | None = None):
+                 residuals: list[Residual] = ()):
         super().__init__()
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, attr, getattr(conv, attr))
         self.codebook = codebook  # the same module in every conv of the scope
         self.register_buffer("index", index_buffer(index, codebook))
-        self.residual = residual
+        self.residuals = nn.ModuleList(residuals)
         # With `reassign`, the kernels as trainable shadow weights: each training step gives every
         # kernel the entry nearest its shadow (start_shadow sets them to the kernels as they are).
         self.shadow = nn.Parameter(self._kernels(rounded=False).detach().clone()) if reassign else None
 
     def stages(self) -> list[tuple[Codebook, torch.Tensor]]:
-        """(codebook, index) whose entries add up to the kernels: the codebook's, then the residual's."""
-        return [(self.codebook, self.index)] + ([(self.residual.codebook, self.residual.index)] if self.residual else [])
+        """(codebook, index) whose entries add up to the kernels: the codebook's, then the residuals'."""
+        return [(self.codebook, self.index)] + [(r.codebook, r.index) for r in self.residuals]
 
     def _kernels(self, rounded: bool = True) -> torch.Tensor:
         # Gather wants int32/int64 indices
@@ -102,25 +106,33 @@ class CodebookConv2d(nn.Module):
 
     @torch.no_grad()
     def _nearest_entries(self, stages) -> list[torch.Tensor]:
-        """Each kernel's entries for its shadow: each stage's entry nearest what the stages before left
-        over. With a residual that greedy pair can be farther from the shadow than the pair the kernel
-        has (the refit's, which training starts from), so a kernel keeps its pair unless the new one is
-        nearer. The unrounded entries: codes can round several entries to one, and argmin would take the first."""
+        """Each kernel's entries for its shadow. One codebook: the nearest entry. With residuals, the
+        nearest of a few combinations: the kernel's own, and for its own first entry and the first
+        entries nearest its shadow, each residual's entry nearest what those before leave over. The own
+        first entry lets a kernel step between the fine residual cells around it (the greedy
+        combination, nearest first entry first, is often farther than the kernel's own); ties keep the
+        kernel's own. The unrounded entries: codes can round several entries to one, and argmin would
+        take the first."""
         tables = [book.table(rounded=False).detach().double() for book, _ in stages]
         target = self.shadow.detach().double()
-        greedy, left = [], target
-        for table in tables:
-            greedy.append(nearest_rows(left, table))
-            left = left - table[greedy[-1]]
         if len(stages) == 1:
-            return greedy  # the nearest entry: a shadow on its entry finds it
+            return [nearest_rows(target, tables[0])]  # a shadow on its entry finds it
 
         def distance(indices):
             return (target - sum(table[i] for table, i in zip(tables, indices))).pow(2).sum(1)
 
-        current = [index.long() for _, index in stages]
-        keep = distance(current) <= distance(greedy)
-        return [torch.where(keep, c, g) for c, g in zip(current, greedy)]
+        best = [index.long() for _, index in stages]
+        best_distance = distance(best)
+        nearest_first = torch.cdist(target, tables[0]).topk(min(FIRST_CANDIDATES, len(tables[0])), largest=False).indices
+        for first in torch.cat([best[0][:, None], nearest_first], 1).unbind(1):
+            indices = [first]
+            for table in tables[1:]:
+                indices.append(nearest_rows(target - sum(t[i] for t, i in zip(tables, indices)), table))
+            candidate = distance(indices)
+            nearer = candidate < best_distance
+            best = [torch.where(nearer, i, b) for i, b in zip(indices, best)]
+            best_distance = torch.where(nearer, candidate, best_distance)
+        return best
 
     def forward(self, x):
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
@@ -174,10 +186,12 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
         inputs = [_kernel_inputs(conv, bn, cfg.features) for _, conv, bn in convs]
         vectors, weights = np.concatenate([v for v, _ in inputs]), np.concatenate([w for _, w in inputs])
         entries = codebook_entries(cfg.codebook_size, len(vectors))
-        stages = [kmeans(vectors, entries, cfg.seed, cfg.n_init, weights)]
-        if cfg.residual and entries < len(vectors):  # (a codebook of every kernel leaves nothing over)
-            stages.append(kmeans(vectors - stages[0].centroids[stages[0].assignment], entries, cfg.seed, cfg.n_init,
-                                 weights))
+        stages, left = [], vectors
+        while len(stages) <= (cfg.residual_codebooks if cfg.residual else 0):
+            stages.append(kmeans(left, entries, cfg.seed, cfg.n_init, weights))
+            left = left - stages[-1].centroids[stages[-1].assignment]
+            if entries == len(vectors):
+                break  # a codebook of every kernel leaves nothing over
         books = [Codebook(torch.from_numpy(stage.centroids).float()) for stage in stages]
         start = 0
         for name, conv, bn in convs:
@@ -187,14 +201,14 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
             if cfg.features == "scaled" and bn is not None:
                 rebuilt = sum(stage.centroids[index] for stage, index in zip(stages, indices))
                 fold_filter_scales(conv, bn, rebuilt.reshape(conv.out_channels, -1), np.arange(conv.out_channels))
-            residual = Residual(books[1], torch.from_numpy(indices[1])) if len(stages) > 1 else None
-            set_module(model, name, CodebookConv2d(conv, books[0], torch.from_numpy(indices[0]), cfg.reassign, residual))
+            residuals = [Residual(book, torch.from_numpy(index)) for book, index in zip(books[1:], indices[1:])]
+            set_module(model, name, CodebookConv2d(conv, books[0], torch.from_numpy(indices[0]), cfg.reassign, residuals))
         records.append({"codebook": key, "layers": [name for name, _, _ in convs], "kernels": len(vectors),
                         "k": len(stages[0].centroids), "residual_k": len(stages[1].centroids) if len(stages) > 1 else 0,
-                        "inertia": stages[-1].inertia})
+                        "residual_codebooks": len(stages) - 1, "inertia": stages[-1].inertia})
     return model, {"codebooks": records, "first": {"granularity": "kernel", "codebook_size": cfg.codebook_size,
                                                    "codebook_scope": cfg.codebook_scope, "features": cfg.features, "reassign": cfg.reassign,
-                                                   "residual": cfg.residual,
+                                                   "residual": cfg.residual, "residual_codebooks": cfg.residual_codebooks,
                                                    "n_init": cfg.n_init}}
 
 
@@ -231,7 +245,7 @@ class _Layer:
         return g[torch.arange(cin), :, torch.arange(cin), :]
 
 
-# In the refit, the entries of a conv's codebooks (the codebook, and the residual's after it) are one
+# In the refit, the entries of a conv's codebooks (the codebook, and the residuals' after it) are one
 # table, and its index is (out, in, stages) into that table: a kernel is the sum of its stages' entries.
 
 def _rebuilt(entries: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -315,7 +329,7 @@ def _solve_entries(layers: list[_Layer], indices: list[torch.Tensor], entries: t
 
 
 class _Table:
-    """The codebooks a scope's convs draw from (the codebook, and the residual's) as one table of
+    """The codebooks a scope's convs draw from (the codebook, and the residuals') as one table of
     entries, and each conv's index into it, (out, in, stages)."""
 
     def __init__(self, conv: CodebookConv2d):
