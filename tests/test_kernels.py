@@ -184,22 +184,6 @@ def test_reassigning_with_a_residual_starts_each_kernel_at_its_own_pair(model, r
     assert [int(i[0]) for _, i in conv.stages()] != [int(i[0]) for i in index]
 
 
-def test_reassigning_with_a_residual_finds_the_pair_at_its_shadow(model):
-    """A shadow moved onto its own first entry plus another residual entry takes exactly that pair, also
-    where the first entry nearest the shadow is another one (the greedy pair would miss it)."""
-    clustered, _ = apply_first(model, kernel_config(32, "layer", residual=True, reassign=True))
-    conv = codebook_convs(clustered)["layer2.1.conv1"]
-    first, second = (book.centroids.detach() for book, _ in conv.stages())
-    own = [int(i[0]) for _, i in conv.stages()]
-    greedy_misses = [j for j in range(len(second)) if j != own[1]
-                     and int(torch.cdist((first[own[0]] + second[j])[None], first).argmin()) != own[0]]
-    assert greedy_misses  # the case this test is about occurs
-    with torch.no_grad():
-        conv.shadow[0] = first[own[0]] + second[greedy_misses[0]]
-    conv.train().weight
-    assert (int(conv.index[0]), int(conv.residuals[0].index[0])) == (own[0], greedy_misses[0])
-
-
 @pytest.mark.parametrize("bits, apart", [(4, 1e-4), (None, 1e-6)])
 def test_reassigning_starts_each_kernel_at_its_own_entry(model, bits, apart):
     """Two entries barely apart (4-bit: rounding to the same codes) still keep their kernels when

@@ -47,10 +47,6 @@ def index_buffer(index: torch.Tensor, codebook: Codebook) -> torch.Tensor:
     return index.flatten().to(index_dtype(len(codebook.centroids)))
 
 
-# With residuals: the first entries nearest a kernel's shadow (beside its own) that reassignment tries.
-FIRST_CANDIDATES = 4
-
-
 class Residual(nn.Module):
     """A residual codebook (shared as the first) and an index into it: each kernel is its entry of the
     first codebook plus its entry of each residual one, which K-Means fit to what those before left over."""
@@ -106,33 +102,25 @@ class CodebookConv2d(nn.Module):
 
     @torch.no_grad()
     def _nearest_entries(self, stages) -> list[torch.Tensor]:
-        """Each kernel's entries for its shadow. One codebook: the nearest entry. With residuals, the
-        nearest of a few combinations: the kernel's own, and for its own first entry and the first
-        entries nearest its shadow, each residual's entry nearest what those before leave over. The own
-        first entry lets a kernel step between the fine residual cells around it (the greedy
-        combination, nearest first entry first, is often farther than the kernel's own); ties keep the
-        kernel's own. The unrounded entries: codes can round several entries to one, and argmin would
-        take the first."""
+        """Each kernel's entries for its shadow: each stage's entry nearest what the stages before left
+        over. With residuals that greedy combination can be farther from the shadow than the one the
+        kernel has (the refit's, which training starts from), so a kernel keeps its own unless the new
+        one is nearer. The unrounded entries: codes can round several entries to one, and argmin would take the first."""
         tables = [book.table(rounded=False).detach().double() for book, _ in stages]
         target = self.shadow.detach().double()
+        greedy, left = [], target
+        for table in tables:
+            greedy.append(nearest_rows(left, table))
+            left = left - table[greedy[-1]]
         if len(stages) == 1:
-            return [nearest_rows(target, tables[0])]  # a shadow on its entry finds it
+            return greedy  # the nearest entry: a shadow on its entry finds it
 
         def distance(indices):
             return (target - sum(table[i] for table, i in zip(tables, indices))).pow(2).sum(1)
 
-        best = [index.long() for _, index in stages]
-        best_distance = distance(best)
-        nearest_first = torch.cdist(target, tables[0]).topk(min(FIRST_CANDIDATES, len(tables[0])), largest=False).indices
-        for first in torch.cat([best[0][:, None], nearest_first], 1).unbind(1):
-            indices = [first]
-            for table in tables[1:]:
-                indices.append(nearest_rows(target - sum(t[i] for t, i in zip(tables, indices)), table))
-            candidate = distance(indices)
-            nearer = candidate < best_distance
-            best = [torch.where(nearer, i, b) for i, b in zip(indices, best)]
-            best_distance = torch.where(nearer, candidate, best_distance)
-        return best
+        current = [index.long() for _, index in stages]
+        keep = distance(current) <= distance(greedy)
+        return [torch.where(keep, c, g) for c, g in zip(current, greedy)]
 
     def forward(self, x):
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
