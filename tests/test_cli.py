@@ -65,7 +65,9 @@ def test_sweep_codebooks_take_sizes_as_export_does():
     import click
 
     from toolchain.cli import _codebook_list
-    assert _codebook_list(" layer:256, stage:0.25 ") == [("layer", 256), ("stage", 0.25)]
+    assert _codebook_list(" layer:256, stage:0.25 ,network:64x3") == [("layer", 256, 1), ("stage", 0.25, 1),
+                                                                       ("network", 64, 3)]
     assert isinstance(_codebook_list("layer:256")[0][1], int)
-    with pytest.raises(click.BadParameter, match="'layer:quarter' is not SCOPE:SIZE"):
-        _codebook_list("layer:quarter")
+    for bad in ("layer:quarter", "layer:256x0", "layer:256x9", "layer:256x", "layer:256xtwo"):
+        with pytest.raises(click.BadParameter, match=f"'{bad}' is not SCOPE:SIZE"):
+            _codebook_list(bad)

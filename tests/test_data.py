@@ -139,7 +139,7 @@ def test_augment_crops_and_flips_per_image():
     image = torch.stack([grid.view(32, 1).expand(32, 32), grid.view(1, 32).expand(32, 32),
                          torch.zeros(32, 32, dtype=torch.uint8)], -1)
     out = augment(image.expand(200, 32, 32, 3).contiguous(), torch.Generator().manual_seed(0)).int()
-    row_shift, col_step, col_shift = [], [], []
+    row_shift, col_step = [], []
     for img in out:
         rows, cols = img[:, 16, 0], img[16, :, 1]
         inside_r, inside_c = rows[rows > 0], cols[cols > 0]

@@ -281,22 +281,24 @@ def test_sweep_writes_a_consistent_report_and_resumes(tmp_path, baseline_path, d
     refused = run_cli("sweep", "--method", "second", "--centroid-bits", "4", *args[args.index("--ratios"):])
     assert refused.returncode == 2 and "sweep --method first too" in refused.stderr
     # Kernel codebooks and the weight-clustering peer: each one model of its own size, on the size plot.
-    sized = run_cli("sweep", "--method", "first", "--method", "weight-clustering", "--codebooks", "layer:64,stage:32",
+    sized = run_cli("sweep", "--method", "first", "--method", "weight-clustering", "--codebooks", "layer:64,stage:32x3",
                     *args[args.index("--ratios"):])
     assert sized.returncode == 0 and sized.stdout.count("already done, skipped") == 2, sized.stderr
     rows5 = json.loads((report / "results.json").read_text())["rows"]
     new = [(r["method"], r["label"], r["centroid_bits"], r["ratio"], Path(r["file"]).name) for r in rows5 if r.get("label")]
     assert new == [("first", "kernel-layer64", None, 0.0, "first_kernel-layer64.onnx"),
                    ("first", "kernel-layer64", 8, 0.0, "first_kernel-layer64_int8.onnx"),
-                   ("first", "kernel-stage32", None, 0.0, "first_kernel-stage32.onnx"),
-                   ("first", "kernel-stage32", 8, 0.0, "first_kernel-stage32_int8.onnx"),
+                   ("first", "kernel-stage32-residual2", None, 0.0, "first_kernel-stage32-residual2.onnx"),
+                   ("first", "kernel-stage32-residual2", 8, 0.0, "first_kernel-stage32-residual2_int8.onnx"),
                    ("weight-clustering", "c16", None, 0.0, "weight-clustering_c16.onnx")]
     by_label = {(r["label"], r["centroid_bits"]): r for r in rows5 if r.get("label")}
-    assert by_label["kernel-stage32", 8]["model_bytes"] < by_label["kernel-layer64", 8]["model_bytes"] \
+    # (three uint8 indices a kernel against one and a codebook of 64 a conv)
+    assert by_label["kernel-layer64", 8]["model_bytes"] < by_label["kernel-stage32-residual2", 8]["model_bytes"] \
         < by_label["c16", None]["model_bytes"] < 0.16 * rows[0]["model_bytes"]
+    assert by_label["kernel-stage32-residual2", 8]["options"]["residual_codebooks"] == 2
     text = (report / "report.md").read_text()
     size_section = text[text.index("## Method first against int8 weight quantization, weight clustering"):]
-    assert "| peer: weight clustering c16 |" in size_section and "| first kernel-stage32 int8 |" in size_section
+    assert "| peer: weight clustering c16 |" in size_section and "| first kernel-stage32-residual2 int8 |" in size_section
     assert "Against weight clustering c16 (" in size_section and "Against int8 weight quantization of the baseline (" in size_section
     bad = run_cli("sweep", "--codebooks", "layer", *args[args.index("--ratios"):])
     assert bad.returncode == 2 and "'layer' is not SCOPE:SIZE" in bad.stderr

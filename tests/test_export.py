@@ -31,7 +31,7 @@ def _run(path, x):
 def test_plain_export_matches_pytorch_at_any_batch_size(tmp_path, random_checkpoint, monkeypatch):
     monkeypatch.delenv("CIFAR10_ROOT", raising=False)
     out = tmp_path / "none.onnx"
-    result = run_export(ExportConfig(method="none", checkpoint=str(random_checkpoint), out=str(out)), log=print)
+    run_export(ExportConfig(method="none", checkpoint=str(random_checkpoint), out=str(out)), log=print)
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version >= 17

@@ -1,7 +1,5 @@
 """The weight-clustering peer (TensorFlow Model Optimization's scheme): 16 values per conv, 4-bit indices."""
 
-import copy
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +10,7 @@ from onnx import numpy_helper
 from conftest import run_cli
 from toolchain.data import to_tensor
 from toolchain.errors import ConfigError
-from toolchain.methods.weight_clustering import (ClusteredConv2d, WeightClusteringConfig, apply_weight_clustering,
+from toolchain.methods.weight_clustering import (WeightClusteringConfig, apply_weight_clustering,
                                                  clustered_convs, strip)
 from toolchain.models import build_model, count_params
 from toolchain.pipeline import ExportConfig, compress_and_tune, export_compressed, load_data, load_source

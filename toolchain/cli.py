@@ -333,9 +333,10 @@ def _ratio_list(value: str) -> tuple[float, ...]:
 @compression_options
 @click.option("--train-limit", type=click.IntRange(1), help="Fine-tune on a subset of N training images.")
 @click.option("--test-limit", type=click.IntRange(1), help="Measure accuracy on a subset of N test images.")
-@click.option("--codebooks", metavar="SCOPE:SIZE,...",
+@click.option("--codebooks", metavar="SCOPE:SIZE[xN],...",
               help="Method first: also sweep kernel codebooks, each one model of its size (no ratio), e.g. "
-                   f"layer:256,stage:256,layer:0.25 (a fraction: of each codebook's kernels); scopes: "
+                   f"layer:256,stage:256,layer:0.25,layer:256x2 (a fraction: of each codebook's kernels; xN: N "
+                   f"codebooks a kernel draws from, the first and N - 1 residual ones); scopes: "
                    f"{', '.join(settings.CODEBOOK_SCOPES)}.")
 @click.option("--centroid-bits", "extra_bits", type=click.Choice([str(settings.TRAINED_BITS)]), multiple=True,
               help="Method first: also export 4-bit centroids (one more fine-tune per ratio, with the rounding "
@@ -367,8 +368,9 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
                               reconstruct=not no_reconstruct)
     methods = tuple(dict.fromkeys(methods))
     options = _method_configs(methods, features=features, allocation=allocation, keep=keep)
-    sized = tuple((m, registry.get(m).config(features=features, granularity="kernel", codebook_scope=scope, codebook_size=size))
-                  for scope, size in _codebook_list(codebooks) for m in registry.taking("codebook_size"))
+    sized = tuple((m, registry.get(m).config(features=features, granularity="kernel", codebook_scope=scope,
+                                             codebook_size=size, residual_codebooks=(count - 1) or None))
+                  for scope, size, count in _codebook_list(codebooks) for m in registry.taking("codebook_size"))
     try:
         run_sweep(SweepConfig(methods=methods, ratios=ratio_values, out=out, export=export_cfg, options=options, sized=sized,
                               repeats=repeats, trained_bits=tuple(int(b) for b in extra_bits), quantize=quantize),
@@ -380,15 +382,21 @@ def sweep(methods, ratios, data, checkpoint, arch, finetune_epochs, finetune_lr,
     click.echo(f"report: {out}/report.md")
 
 
-def _codebook_list(value: str | None) -> list[tuple[str, int | float]]:
-    """--codebooks layer:256,layer:0.25 -> [("layer", 256), ("layer", 0.25)]."""
+def _codebook_list(value: str | None) -> list[tuple[str, int | float, int]]:
+    """--codebooks layer:256,layer:0.25,stage:256x3 -> [("layer", 256, 1), ("layer", 0.25, 1), ("stage", 256, 3)]:
+    scope, size, and how many codebooks a kernel draws from (the first and its residual ones)."""
     specs = []
     for spec in (value.split(",") if value else []):
         scope, _, size = spec.strip().partition(":")
+        size, times, count = size.partition("x")
         try:
-            specs.append((scope.strip(), CODEBOOK_SIZE.convert(size.strip(), None, None)))
-        except click.BadParameter:
-            raise click.BadParameter(f"{spec.strip()!r} is not SCOPE:SIZE, e.g. layer:256 or layer:0.25",
+            count = int(count) if times else 1
+            if not 1 <= count <= 1 + settings.MAX_RESIDUAL_CODEBOOKS:
+                raise ValueError
+            specs.append((scope.strip(), CODEBOOK_SIZE.convert(size.strip(), None, None), count))
+        except (click.BadParameter, ValueError):
+            raise click.BadParameter(f"{spec.strip()!r} is not SCOPE:SIZE[xN] (N from 1 to "
+                                     f"{1 + settings.MAX_RESIDUAL_CODEBOOKS}), e.g. layer:256, layer:0.25 or layer:256x2",
                                      param_hint="'--codebooks'") from None
     return specs
 
