@@ -101,8 +101,11 @@ def test_each_residual_codebook_adds_an_entry_to_every_kernel(model):
     two, info = apply_first(model, kernel_config(16, "stage", residual_codebooks=2))
     for record, fewer in zip(info["codebooks"], one_info["codebooks"]):
         assert record["residual_codebooks"] == 2 and record["inertia"] < 0.9 * fewer["inertia"]
-    for conv in codebook_convs(two).values():
+    convs = codebook_convs(two)
+    for name, conv in convs.items():
         assert len(conv.stages()) == 3
+        scope_first = convs[f"{scope_key(name, 'stage')}.0.conv1"]
+        assert all(mine.codebook is theirs.codebook for mine, theirs in zip(conv.residuals, scope_first.residuals))
         rebuilt = sum(book.centroids[index.long()] for book, index in conv.stages()).detach()
         torch.testing.assert_close(conv.eval().weight.detach().flatten(0, 1).flatten(1), rebuilt)
 
@@ -167,10 +170,10 @@ def test_reassigning_kernels_follow_their_shadows_while_training(model):
 
 
 @pytest.mark.parametrize("residuals", [1, 2])
-def test_reassigning_with_a_residual_starts_each_kernel_at_its_own_pair(model, residuals):
+def test_reassigning_with_residuals_starts_each_kernel_at_its_own_entries(model, residuals):
     """With residuals the greedy nearest combination (first entry, then residual entries) is often not
     the one a kernel has, nor as near its shadow: training must start from the kernels as they are, and
-    a shadow moved near another pair takes that pair."""
+    a shadow moved onto another combination leaves its own."""
     clustered, _ = apply_first(model, kernel_config(32, "layer", residual_codebooks=residuals, reassign=True))
     conv = codebook_convs(clustered)["layer2.1.conv1"]
     x = torch.randn(2, conv.in_channels, 8, 8)

@@ -32,7 +32,7 @@ GRANULARITIES = ("filter", "kernel")  # what a centroid is: a whole filter, or o
 CODEBOOK_SIZE = 256  # kernel granularity: entries per codebook (a uint8 index per kernel up to 256),
 # or a fraction between 0 and 1: that share of each codebook's kernels
 MAX_CODEBOOK = 32767  # int16 indices beyond 256 entries
-MAX_RESIDUAL_CODEBOOKS = 7  # each one more index a kernel: past a few, the indices outweigh the convs they replace
+MAX_RESIDUAL_CODEBOOKS = 7  # 8 uint8 indices a kernel at most: nearly the 9 bytes of its int8 weights
 CODEBOOK_SCOPES = ("layer", "stage", "network")  # the convs sharing one codebook; the default first
 WEIGHT_CLUSTERS = 16  # the weight-clustering peer's values per conv (TFMOT's usual choice: a 4-bit index)
 

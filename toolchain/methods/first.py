@@ -49,8 +49,8 @@ class FirstConfig:
     # weights (kernels.CodebookConv2d); False: every kernel keeps the entry the refit gave it.
     # None: True at kernel granularity (the more accurate after fine-tuning, docs/methods.md).
     reassign: bool | None = None
-    # Kernel granularity: a second codebook of as many entries per scope, K-Means fit to what the first
-    # leaves over; each kernel is the sum of its two entries (two indices). None: False.
+    # Kernel granularity: residual codebooks of as many entries per scope, K-Means fit to what those
+    # before leave over; each kernel is the sum of its entries (an index each). None: False.
     residual: bool | None = None
     # With residual: how many residual codebooks, each fit to what those before leave over (one index
     # each per kernel). None: 1.

@@ -101,7 +101,7 @@ def averaged_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def through_shadow(rows: list[tuple[torch.Tensor, torch.Tensor]], shadow: torch.Tensor) -> torch.Tensor:
-    """The sum of table[index] over `rows` (one pair, or a kernel's codebook and residual) in the
+    """The sum of table[index] over `rows` (one pair, or a kernel's codebook and its residuals) in the
     forward pass, for weights just assigned to their nearest rows (TFMOT's clustering wrapper): the
     gradient reaches each row averaged over its weights (`averaged_rows`) and, straight through, the
     shadow weights, which keep every small step until one carries a weight over to another row."""
