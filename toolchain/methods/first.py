@@ -111,6 +111,11 @@ class FirstConfig:
                               f"got {count!r}")
 
     @property
+    def codebooks_per_kernel(self) -> int:
+        """How many codebooks each kernel draws an entry from: the first, and its residual ones."""
+        return 1 + (self.residual_codebooks if self.residual else 0)
+
+    @property
     def int8_ready(self) -> bool:
         """Whether --quantize int8 keeps this config's sharing (kernel codebooks: not yet)."""
         return self.granularity != "kernel"
@@ -119,8 +124,8 @@ class FirstConfig:
     def label(self) -> str | None:
         """What names this config's files in place of the ratio: None at filter granularity."""
         if self.granularity == "kernel":
-            residual = "" if not self.residual else "-residual" + (
-                f"{self.residual_codebooks}" if self.residual_codebooks > 1 else "")
+            extra = self.codebooks_per_kernel - 1
+            residual = "" if extra == 0 else "-residual" + (f"{extra}" if extra > 1 else "")
             return (f"kernel-{self.codebook_scope}{self.codebook_size:g}" + residual
                     + ("" if self.reassign else "-fixed"))
         return None

@@ -175,7 +175,7 @@ def apply_kernels(model: nn.Module, cfg) -> tuple[nn.Module, dict]:
         vectors, weights = np.concatenate([v for v, _ in inputs]), np.concatenate([w for _, w in inputs])
         entries = codebook_entries(cfg.codebook_size, len(vectors))
         stages, left = [], vectors
-        while len(stages) <= (cfg.residual_codebooks if cfg.residual else 0):
+        while len(stages) < cfg.codebooks_per_kernel:
             stages.append(kmeans(left, entries, cfg.seed, cfg.n_init, weights))
             left = left - stages[-1].centroids[stages[-1].assignment]
             if entries == len(vectors):
